@@ -1,0 +1,1 @@
+# lets the tests import model.py, prepare.py ... from the project root

@@ -1,0 +1,258 @@
+"""
+The whole GPT in one file, to be read top to bottom.
+
+A decoder-only transformer (GPT-2, Radford et al. 2019) with rotary position embeddings
+(RoPE, Su et al. 2021) in place of learned positions, and a key/value cache for fast sampling.
+References:
+1) GPT-2 in TensorFlow: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) RoFormer: https://arxiv.org/abs/2104.09864
+3) nanoGPT, whose names and shape this file follows: https://github.com/karpathy/nanoGPT
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 512     # context length in tokens
+    vocab_size: int = 4096
+    n_layer: int = 8
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False        # biases in Linears and LayerNorms: True is GPT-2; False is a bit faster
+    pos_emb: str = 'rope'     # 'rope', or 'learned' (GPT-2) / 'sinusoidal' (Vaswani et al.) to compare
+    rope_theta: float = 10000.0
+
+
+def rope_cache(T, head_dim, theta=10000.0):
+    """cos and sin of the angle t * theta^(-2i/d) for every position t < T and pair i < d/2."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(T).float(), inv_freq)  # (T, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x1, x2) of the last dim of x (B, nh, T, hd) by its position's angle.
+    A rotation keeps lengths and q.k then depends only on the distance between positions."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, rope=None, cache=None, pos=0):
+        """x: (B, T, C) for positions pos..pos+T-1. With a cache (the preallocated (2, B, nh,
+        block_size, hd) keys and values of this layer), the new k, v are stored in it and the
+        queries attend to all keys so far, so each token is computed once while sampling."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            assert pos == 0 or T == 1, "the cache is filled by one prefill, then one token a step"
+            cache[0, :, :, pos:pos + T], cache[1, :, :, pos:pos + T] = k, v
+            k, v = cache[0, :, :, :pos + T], cache[1, :, :, :pos + T]
+        # one new token may see every cached key: no mask needed then
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm: normalise the input of each sublayer and add its output to the residual stream."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), rope, cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.pos_emb in ('rope', 'learned', 'sinusoidal'), f"unknown pos_emb {config.pos_emb!r}"
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if config.pos_emb == 'learned':
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (Press & Wolf 2017): the output layer reuses the token embedding
+        self.transformer.wte.weight = self.lm_head.weight
+        # fixed tables, not parameters: rebuilt here rather than saved in checkpoints
+        hd = config.n_embd // config.n_head
+        cos, sin = rope_cache(config.block_size, hd, config.rope_theta)
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        if config.pos_emb == 'sinusoidal':
+            cos, sin = rope_cache(config.block_size, config.n_embd)
+            self.register_buffer('wpe_fixed', torch.stack((sin, cos), -1).flatten(1), persistent=False)
+        self.grad_checkpoint = False  # recompute each block in backward: less memory, ~30% more time
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), one per sublayer
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=False):
+        """Parameters of the model. The tied embedding counts once; non_embedding=True leaves it
+        (and learned positions) out, as in the scaling-law papers."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if self.config.pos_emb == 'learned':
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, cache=None, pos=0):
+        """idx: (B, T) token ids at positions pos..pos+T-1. With targets: all logits and the mean
+        cross-entropy. Without: logits at the last position only, saving the lm_head elsewhere."""
+        B, T = idx.size()
+        assert pos + T <= self.config.block_size, f"{pos + T} tokens > block_size {self.config.block_size}"
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos_emb == 'rope':
+            rope = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        elif self.config.pos_emb == 'learned':
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
+        else:
+            x = x + self.wpe_fixed[pos:pos + T]
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            if self.grad_checkpoint and self.training:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, None if cache is None else cache[i], pos)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu'):
+        """AdamW; weight decay on the matrices (Linears, embedding) only, not on biases or norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        # the fused kernel is fastest on CUDA; on the CPU the default (foreach) is
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token, forward and backward (PaLM, appendix B): 6 per parameter
+        (the tied embedding counts once, as the lm_head matmul) plus 12 L C T for attention."""
+        cfg, T = self.config, T or self.config.block_size
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops, T=None):
+        """Model FLOPs utilisation: achieved FLOP/s over `peak_flops`, the device's measured peak
+        (bench.py measures the CPU's; an A100's 312 TFLOP/s would be meaningless on a laptop)."""
+        return self.flops_per_token(T) * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
+        """Yield (B, 1) new tokens, one per step, continuing the prompts idx (B, T).
+        The prompt is run once (prefill) to fill the cache; each step then runs one token.
+        When the context is full, the cache restarts from the last block_size/2 tokens
+        (one new prefill), so every token keeps at least half a context of history."""
+        cfg = self.config
+        B, hd = idx.size(0), cfg.n_embd // cfg.n_head
+        p = next(self.parameters())
+        cache = torch.empty(cfg.n_layer, 2, B, cfg.n_head, cfg.block_size, hd, dtype=p.dtype, device=p.device)
+        context = idx[:, -cfg.block_size:]
+        logits, _ = self(context, cache=cache)
+        pos = context.size(1)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            token = sample(logits[:, -1, :], temperature, top_k, top_p)
+            if stop_token is not None:  # finished rows keep emitting the stop token
+                token[done] = stop_token
+                done |= token.squeeze(1) == stop_token
+            yield token
+            if stop_token is not None and done.all():
+                return
+            context = torch.cat((context, token), dim=1)
+            if pos == cfg.block_size:  # full: restart the window from the most recent half
+                context = context[:, -(cfg.block_size // 2):]
+                logits, _ = self(context, cache=cache)
+                pos = context.size(1)
+            else:
+                logits, _ = self(token, cache=cache, pos=pos)
+                pos += 1
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
+        """idx (B, T) with up to max_new_tokens sampled tokens appended (fewer if every row
+        reached stop_token). temperature=0 is greedy; top_k and top_p restrict the choices."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token))
+        return torch.cat([idx] + new, dim=1)
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token id per row of logits (B, vocab): greedy for temperature 0, else sampled from
+    softmax(logits / temperature) restricted to the top_k most likely tokens and to the smallest
+    set whose probability reaches top_p (nucleus sampling, Holtzman et al. 2019)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the more likely ones already reach top_p; the first always stays
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float('-inf'))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
