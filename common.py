@@ -1,0 +1,219 @@
+"""
+What prepare.py, train.py, sample.py and bench.py share: settings, errors, devices, checkpoints.
+
+Settings: a script's settings are plain module globals. `configure(globals())` applies, in order, the
+Python config files given as positional arguments, then `--key=value` flags (also `--key value`,
+and `--flag` alone for a boolean). Values parse as Python literals, else stay strings. A key the
+script does not have, or a value of the wrong type, stops the script with one line naming it.
+
+    python train.py config/tinystories_cpu.py --batch_size=8 --out_dir=out-test
+"""
+import ast
+import os
+import sys
+import time
+
+
+def die(msg):
+    """Stop with one clear line on stderr, no traceback, exit status 1."""
+    print(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def first_line(e, n=160):
+    """An exception's message, short enough for a one-line error."""
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:n]
+
+
+def parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return {'true': True, 'false': False, 'none': None}.get(text.lower(), text)
+
+
+def checked(key, old, value, where):
+    """`value` converted to the type of the default `old`, or a clear error."""
+    if old is None or value is None or type(value) is type(old):
+        return value
+    if isinstance(old, float) and type(value) is int:
+        return float(value)  # --learning_rate=1 means 1.0
+    if isinstance(old, str) and type(value) in (int, float):
+        return str(value)    # --start=42 is the text "42"
+    die(f"setting '{key}' ({where}) must be a {type(old).__name__} like {old!r}, got {value!r}")
+
+
+def configure(g, argv=None):
+    """Override the settings in the module globals `g` from argv (default sys.argv[1:]).
+    Returns {name: value} of all settings, to be saved with a checkpoint."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    keys = [k for k, v in g.items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
+
+    def assign(key, value, where):
+        if key not in keys:
+            near = [k for k in keys if k.split('_')[0] == key.split('_')[0]]
+            hint = f"did you mean {' or '.join(near[:3])}? " if near else ""
+            die(f"unknown setting '{key}' ({where}); {hint}known: {', '.join(keys)}")
+        g[key] = checked(key, g[key], value, where)
+
+    while argv:
+        arg = argv.pop(0)
+        if not arg.startswith('--'):  # a config file: Python that assigns settings
+            if not os.path.isfile(arg):
+                die(f"config file '{arg}' not found (settings are flags like --key=value)")
+            ns = {k: g[k] for k in keys}
+            try:
+                exec(compile(open(arg).read(), arg, 'exec'), ns)
+            except Exception as e:
+                die(f"config file '{arg}' failed: {type(e).__name__}: {e}")
+            for k, v in ns.items():
+                if not k.startswith('_') and type(v).__name__ != 'module' and (
+                        k not in keys or v is not g[k]):
+                    assign(k, v, arg)
+            continue
+        key, eq, text = arg[2:].partition('=')  # only the first '=': values may contain '='
+        key = key.replace('-', '_')
+        if not eq:
+            if argv and not argv[0].startswith('--'):
+                text = argv.pop(0)
+            elif isinstance(g.get(key), bool):
+                text = 'True'
+            elif key in keys:
+                die(f"setting '{key}' needs a value: --{key}=VALUE")
+        assign(key, parse_value(text), f"--{key}")
+    return {k: g[k] for k in keys}
+
+
+# ------------------------------------------------------------------------------ devices
+
+def pick_device(device):
+    """'auto' is the best device present: cuda, then xpu (Intel GPUs), then mps, then cpu."""
+    import torch
+    if device == 'auto':
+        for d in ('cuda', 'xpu', 'mps'):
+            if getattr(torch, d, None) is not None and torch.__dict__[d].is_available():
+                return d
+        return 'cpu'
+    kind = device.split(':')[0]
+    if kind not in ('cpu', 'cuda', 'xpu', 'mps'):
+        die(f"unknown device '{device}': use auto, cpu, cuda, cuda:N, xpu or mps")
+    if kind != 'cpu' and not (getattr(torch, kind, None) and getattr(torch, kind).is_available()):
+        die(f"device '{device}' is not available in this PyTorch build: use --device=cpu")
+    return device
+
+
+def pick_dtype(dtype, device):
+    """'auto' is bfloat16 on a GPU that supports it, else float32 (bf16 is emulated, and
+    slower, on CPUs without AVX-512-BF16 or AMX)."""
+    import torch
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        die(f"unknown dtype '{dtype}': use float32, bfloat16 or float16")
+    return dtype
+
+
+def peak_flops(device='cpu', dtype='float32', n=1024, seconds=0.5):
+    """The measured matmul throughput of this device (FLOP/s): the honest peak for MFU."""
+    import torch
+    dt = getattr(torch, dtype)
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    a @ b
+    sync()
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(obj, path):
+    """Write atomically: a temporary file, flushed to disk, then renamed over the old one,
+    so a crash at any moment leaves either the old or the new checkpoint, never half of one."""
+    import torch
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f"could not write checkpoint {path} ({e.strerror or e}); the previous one is kept: "
+            f"free disk space or choose another --out_dir")
+
+
+def load_checkpoint(path, device='cpu'):
+    """torch.load with weights_only=True: tensors and plain values only, so a crafted file
+    cannot run code. Every failure is one clear line."""
+    import pickle
+    import torch
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}: train one first (python train.py config/tinystories_cpu.py)"
+            f" or set --out_dir")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights_only' in str(e) or 'Unsupported' in str(e) or 'global' in str(e).lower():
+            die(f"refused to load {path}: it holds Python objects, not only tensors and plain "
+                f"values, and loading it could run code; use checkpoints made by train.py")
+        die(f"checkpoint {path} is corrupt ({first_line(e)}): use another or retrain")
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        die(f"checkpoint {path} is corrupt or truncated ({first_line(e)}): "
+            f"use another checkpoint or retrain")
+    if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
+        die(f"{path} is not a checkpoint made by train.py (no 'model' and 'model_args')")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path='checkpoint'):
+    """The GPT a checkpoint describes, with its weights (nothing else is needed)."""
+    from model import GPT, GPTConfig
+    try:
+        model = GPT(GPTConfig(**ckpt['model_args']))
+        model.load_state_dict(ckpt['model'])
+    except (TypeError, RuntimeError, AssertionError) as e:
+        die(f"{path} does not fit the model it describes ({first_line(e)}): "
+            f"the file is damaged or from another version")
+    return model
+
+
+def import_ipex():
+    """Intel Extension for PyTorch, or one line saying what it needs."""
+    try:
+        import intel_extension_for_pytorch
+        return intel_extension_for_pytorch
+    except Exception as e:  # not installed, or built for another torch version
+        import torch
+        die(f"ipex=True needs intel_extension_for_pytorch built for torch {torch.__version__.split('+')[0]} "
+            f"({type(e).__name__}); IPEX 2.8, its last release, needs torch 2.8.x: "
+            f"pip install torch==2.8.* intel-extension-for-pytorch==2.8.*; for Intel GPUs, "
+            f"PyTorch itself has device='xpu'")
+
+
+def optimize_for_inference(model, quantize='none', ipex=False, compile=False):
+    """The inference variants that sample.py and bench.py share, each behind its own setting."""
+    import warnings
+    import torch
+    if quantize == 'int8':
+        # dynamic int8: weights stored as int8, activations quantized on the fly, per matmul.
+        # The tied lm_head is quantized too (a large matmul every token); the embedding lookup
+        # keeps its float copy, as a lookup costs nothing to speak of.
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # torch.ao.quantization is deprecated, still works
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    if ipex:
+        model = import_ipex().optimize(model)
+    if compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    return model

@@ -1,0 +1,94 @@
+"""
+Sample stories from a trained model, streamed to the terminal as they are written.
+
+$ python sample.py --start "Once upon"
+$ python sample.py --start=FILE:prompt.txt --num_samples=3 --temperature=0.8 --top_p=0.9
+"""
+import os
+import sys
+import time
+
+import torch
+import sentencepiece as spm
+
+from common import configure, die, pick_device, pick_dtype, load_checkpoint, model_from_checkpoint, \
+    optimize_for_inference
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'
+ckpt_name = 'ckpt.pt'    # the best checkpoint by validation loss; 'last.pt' is the latest
+start = ''               # the story's beginning, or FILE:path to read it from a file
+num_samples = 1
+max_new_tokens = 500     # a story ends earlier, at its end-of-story token
+temperature = 0.8        # 0 = greedy (always the most likely token)
+greedy = False           # the same as temperature=0
+top_k = None             # sample only from the k most likely tokens
+top_p = 0.95             # sample only from the smallest set of tokens reaching this probability
+seed = 1337
+device = 'auto'
+dtype = 'auto'
+compile = False
+quantize = 'none'        # 'int8': dynamic int8 quantization of the Linear layers (CPU)
+ipex = False             # intel_extension_for_pytorch.optimize on the model
+threads = 0              # CPU threads; 0 = PyTorch's default
+# -----------------------------------------------------------------------------
+configure(globals())
+# -----------------------------------------------------------------------------
+
+if temperature < 0:
+    die(f"bad value temperature={temperature}: use 0 (greedy) or more")
+if top_p is not None and not 0 < top_p <= 1:
+    die(f"bad value top_p={top_p}: it must be in (0, 1]")
+if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    die(f"bad value top_k={top_k!r}: use a positive integer or None")
+if num_samples < 1 or max_new_tokens < 0:
+    die("num_samples must be ≥ 1 and max_new_tokens ≥ 0")
+if quantize not in ('none', 'int8'):
+    die(f"bad value quantize={quantize!r}: use 'none' or 'int8'")
+if greedy:
+    temperature = 0.0
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"cannot read the start text from '{start[5:]}' ({getattr(e, 'strerror', None) or e})")
+
+if threads:
+    torch.set_num_threads(threads)
+torch.manual_seed(seed)
+device = pick_device(device)
+dtype = pick_dtype(dtype, device)
+ckpt_path = os.path.join(out_dir, ckpt_name)
+ckpt = load_checkpoint(ckpt_path)
+model = model_from_checkpoint(ckpt, ckpt_path)
+sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
+bos, eos = sp.bos_id(), sp.eos_id()
+model.eval().to(device)
+if dtype != 'float32':
+    model.to(getattr(torch, dtype))
+model = optimize_for_inference(model, quantize, ipex, compile)
+
+# a story starts with its begin-of-story token; SentencePiece adds the leading-space marker
+prompt = [bos] + (sp.encode(start) if start else [])
+if start and len(prompt) == 1:
+    die("the start text gives no tokens")
+idx = torch.tensor([prompt], dtype=torch.long, device=device)
+for k in range(num_samples):
+    if num_samples > 1:
+        print(f"--- sample {k + 1}")
+    ids, shown = [], ''
+    prefix = sp.decode(prompt[1:])
+    t0 = time.time()
+    print(start, end='', flush=True)
+    for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token=eos):
+        t = token.item()
+        if t == eos:
+            break
+        ids.append(t)
+        # decode everything so far: a character may span several byte tokens
+        text = sp.decode(prompt[1:] + ids)[len(prefix):]
+        print(text[len(shown):], end='', flush=True)
+        shown = text
+    dt = time.time() - t0
+    print(f"\n[{len(ids)} tokens, {len(ids) / dt:.1f} tok/s]", file=sys.stderr)

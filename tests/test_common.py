@@ -1,0 +1,99 @@
+"""The settings system (common.configure) and the checkpoint helpers."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from common import configure, load_checkpoint, save_checkpoint
+
+
+def settings():
+    return dict(batch_size=8, learning_rate=1e-3, compile=False, out_dir='out', top_k=None,
+                start='', _private=1)
+
+
+def test_literals_strings_and_equals_signs_in_values():
+    g = settings()
+    cfg = configure(g, ['--batch_size=32', '--start=a=b c', '--top_k=40', '--out_dir=runs/x'])
+    assert g['batch_size'] == 32 and g['start'] == 'a=b c' and g['top_k'] == 40
+    assert cfg == {k: g[k] for k in cfg} and '_private' not in cfg and g['out_dir'] == 'runs/x'
+
+
+def test_int_for_float_space_form_and_bare_boolean_flag():
+    g = settings()
+    configure(g, ['--learning_rate=1', '--compile', '--start', 'Once upon', '--batch-size', '4'])
+    assert g['learning_rate'] == 1.0 and isinstance(g['learning_rate'], float)
+    assert g['compile'] is True and g['start'] == 'Once upon' and g['batch_size'] == 4
+    configure(g, ['--compile=false'])
+    assert g['compile'] is False
+
+
+def test_config_file_then_flags_in_order(tmp_path):
+    f = tmp_path / 'c.py'
+    f.write_text("import math\nbatch_size = 64\nlearning_rate = 3e-4 * math.sqrt(4)\n")
+    g = settings()
+    configure(g, [str(f), '--batch_size=2'])
+    assert g['batch_size'] == 2 and g['learning_rate'] == pytest.approx(6e-4)
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--batch_sise=3'], ["unknown setting 'batch_sise'", 'batch_size']),
+    (['--batch_size=3.5'], ["'batch_size'", 'int']),
+    (['--compile=yes'], ["'compile'", 'bool']),
+    (['--learning_rate=fast'], ["'learning_rate'", 'float']),
+    (['nope.py'], ["config file 'nope.py' not found"]),
+    (['--batch_size'], ["'batch_size' needs a value"]),
+])
+def test_bad_settings_are_one_clear_line(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        configure(settings(), argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'error:' in err
+    for w in words:
+        assert w in err
+
+
+def test_unknown_key_in_config_file(tmp_path, capsys):
+    f = tmp_path / 'c.py'
+    f.write_text("batchsize = 64\n")
+    with pytest.raises(SystemExit):
+        configure(settings(), [str(f)])
+    assert "unknown setting 'batchsize'" in capsys.readouterr().err
+
+
+def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint({'model': {'w': torch.ones(2)}, 'model_args': {}, 'tokenizer': b'\x00\x01'}, path)
+    save_checkpoint({'model': {'w': torch.zeros(2)}, 'model_args': {}, 'tokenizer': b'x'}, path)
+    ck = load_checkpoint(path)
+    assert torch.equal(ck['model']['w'], torch.zeros(2)) and ck['tokenizer'] == b'x'
+    assert os.listdir(tmp_path) == ['ckpt.pt']  # no temporary file left
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ('echo pwned > /tmp/_never_written',))
+
+
+def test_malicious_pickle_is_refused(tmp_path, capsys):
+    path = tmp_path / 'evil.pt'
+    torch.save({'model': {}, 'model_args': {}, 'x': Evil()}, path)
+    with pytest.raises(SystemExit):
+        load_checkpoint(str(path))
+    err = capsys.readouterr().err
+    assert 'refused' in err and err.count('\n') == 1
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'garbage', 'empty'])
+def test_corrupt_checkpoints_are_one_clear_line(tmp_path, capsys, damage):
+    path = str(tmp_path / 'c.pt')
+    save_checkpoint({'model': {'w': torch.randn(1000)}, 'model_args': {}}, path)
+    data = open(path, 'rb').read()
+    data = {'truncate': data[:len(data) // 2], 'garbage': os.urandom(500), 'empty': b''}[damage]
+    open(path, 'wb').write(data)
+    with pytest.raises(SystemExit):
+        load_checkpoint(path)
+    err = capsys.readouterr().err
+    assert ('corrupt' in err or 'not a checkpoint' in err) and err.count('\n') == 1

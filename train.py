@@ -1,0 +1,327 @@
+"""
+Train a GPT on prepared TinyStories, on a laptop CPU or on many GPUs.
+
+One process (CPU or one GPU):
+$ python train.py config/tinystories_cpu.py
+Several processes or GPUs on one machine (DDP; nccl on CUDA, gloo on the CPU):
+$ torchrun --standalone --nproc_per_node=4 train.py config/tinystories_25m.py
+Several machines: the same with --nnodes, --node_rank and --rdzv_endpoint (see README.md).
+"""
+import csv
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import sentencepiece as spm  # noqa: F401  (fail early, here, if it is missing)
+
+from common import configure, die, pick_device, pick_dtype, peak_flops, save_checkpoint, \
+    load_checkpoint, model_from_checkpoint, import_ipex
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# defaults: a small model that trains on a 2-core CPU; config/*.py and --key=value override
+# I/O
+out_dir = 'out'
+eval_interval = 250      # evaluate, log to CSV and checkpoint every this many iterations
+log_interval = 10
+eval_iters = 40          # batches per evaluation (the same batches every time)
+init_from = 'scratch'    # 'scratch' or 'resume' (from out_dir/last.pt)
+patience = 0             # stop after this many evaluations without a better val loss; 0 = never
+# data (made by prepare.py)
+data_dir = 'data'
+vocab_size = 4096
+tokenizer = 'bpe'
+batch_size = 16          # sequences per micro-step (per process under DDP)
+block_size = 256
+gradient_accumulation_steps = 1  # micro-steps per optimizer step, in total over all processes
+# model
+n_layer = 4
+n_head = 4
+n_embd = 192
+dropout = 0.1
+bias = False
+pos_emb = 'rope'         # 'rope', 'learned' or 'sinusoidal'
+grad_checkpoint = False  # recompute activations in backward: less memory, more time
+# AdamW and the learning-rate schedule: linear warmup, then cosine decay to min_lr
+learning_rate = 1e-3
+max_iters = 2000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0          # clip the gradient norm at this value; 0 = off
+warmup_iters = 100
+lr_decay_iters = 2000    # usually = max_iters
+min_lr = 1e-4            # usually learning_rate / 10
+# system
+device = 'auto'          # 'auto' (cuda, xpu, mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'xpu', 'mps'
+dtype = 'auto'           # 'float32', 'bfloat16', 'float16'; 'auto' = bfloat16 on a capable GPU
+compile = False          # torch.compile: ~1 min to start, then faster steps
+ipex = False             # intel_extension_for_pytorch.optimize (needs a torch that IPEX supports)
+threads = 0              # CPU threads for torch; 0 = PyTorch's default (the physical cores)
+seed = 1337
+# -----------------------------------------------------------------------------
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+from prepare import load_meta, tok_dir  # noqa: E402
+
+for key, ok in [('batch_size', batch_size > 0), ('block_size', block_size > 0),
+                ('learning_rate', learning_rate > 0), ('min_lr', 0 <= min_lr <= learning_rate),
+                ('max_iters', max_iters >= 0), ('eval_interval', eval_interval > 0),
+                ('eval_iters', eval_iters > 0), ('gradient_accumulation_steps', gradient_accumulation_steps > 0),
+                ('dropout', 0 <= dropout < 1), ('warmup_iters', warmup_iters >= 0),
+                ('n_embd', n_embd > 0 and n_head > 0 and n_embd % n_head == 0 and (n_embd // n_head) % 2 == 0),
+                ('grad_clip', grad_clip >= 0), ('patience', patience >= 0),
+                ('init_from', init_from in ('scratch', 'resume'))]:
+    if not ok:
+        die(f"bad value {key}={config[key]!r}" + (
+            ": n_embd must be a multiple of n_head with an even head size" if key == 'n_embd' else
+            ": use 'scratch' or 'resume'" if key == 'init_from' else ""))
+
+# distributed data parallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+ddp = int(os.environ.get('RANK', -1)) != -1
+device = pick_device(device)
+if ddp:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    if gradient_accumulation_steps % world_size:
+        die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of "
+            f"the {world_size} processes")
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+accum = gradient_accumulation_steps // world_size  # micro-steps per optimizer step, per process
+dtype = pick_dtype(dtype, device)
+device_type = device.split(':')[0]
+if threads:
+    torch.set_num_threads(threads)
+torch.manual_seed(seed + rank)  # dropout differs per process; the data order is shared (below)
+ptdtype = getattr(torch, dtype)
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+log = print if master else (lambda *a, **k: None)
+
+# ---------------------------------------------------------------------------- resume or start
+ckpt = None
+if init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, 'last.pt')
+    ckpt = load_checkpoint(ckpt_path if os.path.exists(ckpt_path) else os.path.join(out_dir, 'ckpt.pt'))
+    for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'pos_emb'):
+        config[k] = globals()[k] = ckpt['model_args'][k]  # the checkpoint's shape wins
+    if block_size > ckpt['model_args']['block_size']:
+        die(f"block_size={block_size} is larger than the checkpoint's "
+            f"{ckpt['model_args']['block_size']}: resume with --block_size="
+            f"{ckpt['model_args']['block_size']} or less")
+
+# ---------------------------------------------------------------------------- data
+data_path = tok_dir(data_dir, vocab_size, tokenizer)
+try:
+    meta = load_meta(data_path)
+except ValueError as e:
+    die(str(e))
+if meta['vocab_size'] != vocab_size:
+    die(f"{data_path} holds vocab_size {meta['vocab_size']}, not {vocab_size}: rerun prepare.py")
+data = {}
+for split in ('train', 'val'):
+    path = os.path.join(data_path, f'{split}.bin')
+    n = os.path.getsize(path) // 2 if os.path.exists(path) else 0
+    if n <= block_size + 1:
+        die(f"{path} has {n} tokens, not enough for block_size={block_size}: rerun prepare.py "
+            f"with more data or lower --block_size")
+    data[split] = path
+with open(os.path.join(data_path, meta['tokenizer_model']), 'rb') as f:
+    tokenizer_proto = f.read()
+bytes_per_token = meta['val_bytes'] / meta['val_tokens']  # turns nats/token into bits/byte
+
+
+def get_batch(split, ix):
+    """Sequences starting at offsets ix; a fresh memmap each time, so memory stays flat."""
+    arr = np.memmap(data[split], dtype=np.uint16, mode='r')
+    x = torch.stack([torch.from_numpy(arr[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(arr[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def n_tokens(split):
+    return os.path.getsize(data[split]) // 2
+
+
+# every process draws the same offsets for the whole step and takes its own slice of them, so
+# N processes x batch B see exactly what 1 process with N x the accumulation sees
+data_gen = torch.Generator().manual_seed(seed)
+
+# ---------------------------------------------------------------------------- model
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                  vocab_size=vocab_size, dropout=dropout, bias=bias, pos_emb=pos_emb)
+if ckpt is None:
+    model = GPT(GPTConfig(**model_args))
+    iter_num, best_val_loss, bad_evals = 0, float('inf'), 0
+else:
+    model = model_from_checkpoint(ckpt, ckpt_path)
+    if block_size < model.config.block_size:  # train on shorter sequences: crop the RoPE tables
+        model.config.block_size = block_size
+    model_args['block_size'] = ckpt['model_args']['block_size']
+    iter_num, best_val_loss, bad_evals = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['bad_evals']
+    if rank == 0:
+        torch.set_rng_state(ckpt['rng'])
+    else:
+        torch.manual_seed(seed + rank + iter_num)
+    data_gen.set_state(ckpt['data_rng'])
+model.grad_checkpoint = grad_checkpoint
+model.to(device)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    log(f"resuming from iteration {iter_num} (best val loss {best_val_loss:.4f})")
+resumed_at = iter_num if ckpt is not None else None
+ckpt = None  # free the memory
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+raw_model = model  # checkpoints are saved from this one: no '_orig_mod.' or 'module.' prefixes
+if ipex:
+    model, optimizer = import_ipex().optimize(model, optimizer=optimizer)
+    raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+peak = peak_flops(device, 'float32' if device_type == 'cpu' else dtype) if master else 0.0
+log(f"{raw_model.get_num_params():,} parameters; device {device} {dtype}; {world_size} process(es); "
+    f"{meta['train_tokens']:,} train tokens; {batch_size * block_size * gradient_accumulation_steps:,} tokens/iter")
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss on eval_iters fixed batches of each split (same batches every evaluation)."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        gen = torch.Generator().manual_seed(seed + 1)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            ix = torch.randint(n_tokens(split) - block_size - 1, (batch_size,), generator=gen)
+            with autocast:
+                _, loss = raw_model(*get_batch(split, ix))
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def checkpoint_state():
+    """Everything needed to continue exactly: on one process a resumed run repeats the losses of
+    an uninterrupted one bit for bit (under DDP only rank 0's dropout RNG is kept)."""
+    return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'model_args': model_args, 'config': config, 'iter_num': iter_num,
+            'best_val_loss': best_val_loss, 'bad_evals': bad_evals, 'rng': torch.get_rng_state(),
+            'data_rng': data_gen.get_state(), 'tokenizer': tokenizer_proto,
+            'meta': {k: v for k, v in meta.items() if isinstance(v, (int, float, str))}}
+
+
+# ---------------------------------------------------------------------------- training loop
+csv_path = os.path.join(out_dir, 'log.csv')
+if master:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another --out_dir")
+    if not os.access(out_dir, os.W_OK):
+        die(f"out_dir '{out_dir}' is not writable: choose another --out_dir")
+    rows = []
+    if resumed_at is not None and os.path.exists(csv_path):  # drop what the crashed run logged later
+        with open(csv_path) as f:
+            rows = [r for r in csv.reader(f)][1:]
+        rows = [r for r in rows if int(r[0]) <= resumed_at]
+    with open(csv_path, 'w', newline='') as f:
+        csv.writer(f).writerows([['iter', 'train_loss', 'val_loss', 'val_bpb', 'lr', 'time_s']] + rows)
+
+stop = []  # Ctrl-C: finish the step, save, exit
+signal.signal(signal.SIGINT, lambda *_: stop.append(True) if not stop else sys.exit(130))
+model.train()
+t_start = t0 = time.time()
+iters_timed = 0
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
+        losses = estimate_loss()
+        bpb = losses['val'] / math.log(2) / bytes_per_token
+        log(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+            f"val {bpb:.4f} bits/byte")
+        improved = losses['val'] < best_val_loss
+        best_val_loss = min(best_val_loss, losses['val'])
+        bad_evals = 0 if improved else bad_evals + 1
+        if master:
+            state = checkpoint_state()
+            with open(csv_path, 'a', newline='') as f:
+                csv.writer(f).writerow([iter_num, f"{losses['train']:.5f}", f"{losses['val']:.5f}",
+                                        f"{bpb:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
+            if improved:
+                save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
+            save_checkpoint(state, os.path.join(out_dir, 'last.pt'))
+        if patience and bad_evals >= patience:
+            log(f"early stop: no better val loss in {patience} evaluations (best {best_val_loss:.4f})")
+            break
+    elif stop:
+        if master:
+            save_checkpoint(checkpoint_state(), os.path.join(out_dir, 'last.pt'))
+    if stop:
+        log(f"interrupted: saved {out_dir}/last.pt at iteration {iter_num}; "
+            f"continue with --init_from=resume")
+        break
+    if iter_num >= max_iters:
+        break
+
+    # one optimizer step: accum micro-steps on this process's slices of the step's batch
+    ix = torch.randint(n_tokens('train') - block_size - 1, (accum, world_size, batch_size), generator=data_gen)
+    for micro_step in range(accum):
+        if ddp:  # all-reduce the gradients only on the last micro-step
+            model.require_backward_grad_sync = micro_step == accum - 1
+        X, Y = get_batch('train', ix[micro_step, rank])
+        with autocast:
+            _, loss = model(X, Y)
+        if not torch.isfinite(loss):
+            die(f"loss is {loss.item()} at iteration {iter_num}: stopped; the last good checkpoint "
+                f"{out_dir}/last.pt is kept (try a lower learning_rate, or dtype=bfloat16/float32)")
+        scaler.scale(loss / accum).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    iter_num += 1
+    iters_timed += 1
+    if iter_num % log_interval == 0 and master:
+        dt = (time.time() - t0) / iters_timed
+        t0, iters_timed = time.time(), 0
+        tokens = batch_size * block_size * gradient_accumulation_steps
+        mfu = raw_model.estimate_mfu(tokens, dt, peak * world_size, block_size)
+        eta = dt * (max_iters - iter_num)
+        log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+            f"{tokens / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {int(eta // 60)}m{int(eta % 60):02d}s")
+
+if ddp:
+    dist.destroy_process_group()
