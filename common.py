@@ -118,8 +118,9 @@ def peak_flops(device='cpu', dtype='float32', n=1024, seconds=0.5):
     """The measured matmul throughput of this device (FLOP/s): the honest peak for MFU."""
     import torch
     dt = getattr(torch, dtype)
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
+    gen = torch.Generator(device).manual_seed(0)  # leaves the global RNG (dropout's) untouched
+    a = torch.randn(n, n, device=device, dtype=dt, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dt, generator=gen)
     sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     a @ b
     sync()

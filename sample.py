@@ -86,9 +86,11 @@ for k in range(num_samples):
         if t == eos:
             break
         ids.append(t)
-        # decode everything so far: a character may span several byte tokens
-        text = sp.decode(prompt[1:] + ids)[len(prefix):]
+        # decode everything so far: a character may span several byte tokens, so an incomplete
+        # one (shown as U+FFFD) waits for the rest of its bytes
+        text = sp.decode(prompt[1:] + ids)[len(prefix):].rstrip('\ufffd')
         print(text[len(shown):], end='', flush=True)
         shown = text
+    print(sp.decode(prompt[1:] + ids)[len(prefix) + len(shown):], end='')
     dt = time.time() - t0
     print(f"\n[{len(ids)} tokens, {len(ids) / dt:.1f} tok/s]", file=sys.stderr)

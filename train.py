@@ -112,6 +112,9 @@ log = print if master else (lambda *a, **k: None)
 
 # ---------------------------------------------------------------------------- resume or start
 ckpt = None
+if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'last.pt')):
+    die(f"{out_dir} already holds a training run: continue it with --init_from=resume, or "
+        f"choose another --out_dir (nothing was overwritten)")
 if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, 'last.pt')
     ckpt = load_checkpoint(ckpt_path if os.path.exists(ckpt_path) else os.path.join(out_dir, 'ckpt.pt'))

@@ -1,0 +1,233 @@
+"""train.py and sample.py end to end: training lowers the loss, resume is exact (also after
+SIGKILL at random moments), Ctrl-C saves, and every bad input is one clear line."""
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
+        '--eval_iters=2', '--vocab_size=512', '--log_interval=5', '--dropout=0.1',
+        '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4', '--threads=1']
+
+
+def train(data_dir, out, *args, ok=True):
+    return run('train.py', f'--data_dir={data_dir}', f'--out_dir={out}', *TINY, *args, ok=ok)
+
+
+def log_rows(out):
+    with open(os.path.join(out, 'log.csv')) as f:
+        return [(r['iter'], r['train_loss'], r['val_loss']) for r in csv.DictReader(f)]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)['model']
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def one_error_line(p, *words):
+    assert p.returncode != 0, p.stdout
+    err = p.stderr.strip()
+    assert 'Traceback' not in err and len(err.splitlines()) == 1 and 'error:' in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_train_resume_sample_end_to_end(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    p = train(data_dir, out, '--max_iters=40', '--lr_decay_iters=60', '--eval_interval=20')
+    assert 'tok/s' in p.stdout and 'mfu' in p.stdout and 'bits/byte' in p.stdout
+    rows = log_rows(out)
+    assert [r[0] for r in rows] == ['0', '20', '40']
+    assert float(rows[-1][1]) < float(rows[0][1]) - 0.5  # the loss falls
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 40 and not any(k.startswith('_orig_mod') for k in ckpt['model'])
+    assert ckpt['config']['n_embd'] == 32 and isinstance(ckpt['tokenizer'], bytes)
+
+    p = train(data_dir, out, '--max_iters=60', '--lr_decay_iters=60', '--eval_interval=20',
+              '--init_from=resume')
+    assert 'resuming from iteration 40' in p.stdout
+    assert [r[0] for r in log_rows(out)] == ['0', '20', '40', '60']
+
+    p = run('sample.py', f'--out_dir={out}', '--start', 'Once upon', '--max_new_tokens=30',
+            '--temperature=0')
+    assert p.stdout.startswith('Once upon') and len(p.stdout) > len('Once upon') + 10
+    again = run('sample.py', f'--out_dir={out}', '--start=Once upon', '--max_new_tokens=30', '--greedy')
+    assert again.stdout == p.stdout  # greedy is deterministic
+    p3 = run('sample.py', f'--out_dir={out}', '--start=Once upon', '--max_new_tokens=20',
+             '--num_samples=2', '--top_k=5', '--top_p=0.9', '--quantize=int8')
+    assert p3.stdout.count('--- sample') == 2
+
+
+def test_resume_is_bit_exact(data_dir, tmp_path):
+    full, split = tmp_path / 'full', tmp_path / 'split'
+    args = ['--eval_interval=10', '--lr_decay_iters=30']
+    train(data_dir, full, '--max_iters=30', *args)
+    train(data_dir, split, '--max_iters=10', *args)
+    train(data_dir, split, '--max_iters=30', '--init_from=resume', *args)
+    assert log_rows(full) == log_rows(split)
+    assert same_weights(weights(full / 'last.pt'), weights(split / 'last.pt'))
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data_dir, tmp_path):
+    args = [f'--data_dir={data_dir}', *TINY, '--eval_interval=3', '--max_iters=90',
+            '--lr_decay_iters=90', '--n_embd=64', '--n_layer=3']
+    ref = tmp_path / 'ref'
+    t0 = time.time()
+    run('train.py', f'--out_dir={ref}', *args)
+    duration = time.time() - t0
+    out = tmp_path / 'killed'
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(12):
+        resume = os.path.exists(out / 'last.pt')
+        if resume and kills % 2:  # as if killed in the middle of writing a checkpoint
+            (out / 'last.pt.tmp').write_bytes(os.urandom(1000))
+        proc = subprocess.Popen([sys.executable, 'train.py', f'--out_dir={out}', *args,
+                                 f"--init_from={'resume' if resume else 'scratch'}"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=rng.uniform(0.45, 0.75) * duration)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stderr.read()
+        break
+    assert kills >= 3, "the run finished before it could be killed often enough"
+    assert proc.returncode == 0
+    assert log_rows(ref) == log_rows(out)
+    assert same_weights(weights(ref / 'last.pt'), weights(out / 'last.pt'))
+    assert same_weights(weights(ref / 'ckpt.pt'), weights(out / 'ckpt.pt'))
+
+
+def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    proc = subprocess.Popen([sys.executable, 'train.py', f'--data_dir={data_dir}', f'--out_dir={out}',
+                             *TINY, '--max_iters=100000', '--eval_interval=100000'],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # wait until it is training
+        time.sleep(0.1)
+        if (out / 'last.pt').exists():
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert 'interrupted: saved' in stdout
+    it = torch.load(out / 'last.pt', weights_only=True)['iter_num']
+    assert it > 0
+    p = train(data_dir, out, f'--max_iters={it + 2}', '--eval_interval=100000', '--init_from=resume')
+    assert f'resuming from iteration {it}' in p.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    p = train(data_dir, out, '--max_iters=50', '--eval_interval=5', '--learning_rate=1e6',
+              '--min_lr=0', '--warmup_iters=0', '--grad_clip=0', ok=False)
+    one_error_line(p, 'at iteration', 'last good checkpoint')
+    torch.load(out / 'last.pt', weights_only=True)  # still loads
+
+
+def test_early_stopping_after_patience(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    p = train(data_dir, out, '--max_iters=400', '--eval_interval=2', '--patience=2',
+              '--learning_rate=1e-9', '--min_lr=1e-9', '--warmup_iters=0', '--dropout=0.0')
+    assert 'early stop' in p.stdout and len(log_rows(out)) < 10
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--learning_rate=-1'], ['learning_rate']),
+    (['--batch_size=0'], ['batch_size']),
+    (['--n_embd=30'], ['n_embd']),
+    (['--vocab_size=1000'], ['tok1000', 'prepare.py']),
+    (['--batchsize=4'], ["unknown setting 'batchsize'"]),
+    (['--max_iters=ten'], ["'max_iters'", 'int']),
+    (['--init_from=resume'], ['no checkpoint']),
+    (['--block_size=100000'], ['block_size']),
+])
+def test_train_bad_input(data_dir, tmp_path, args, words):
+    one_error_line(train(data_dir, tmp_path / 'o', *args, ok=False), *words)
+
+
+def test_train_bad_out_dir_and_existing_run(data_dir, tmp_path):
+    (tmp_path / 'file').write_text('x')
+    one_error_line(train(data_dir, tmp_path / 'file' / 'o', '--max_iters=1', ok=False), 'out_dir')
+    out = tmp_path / 'o'
+    train(data_dir, out, '--max_iters=2', '--eval_interval=1')
+    before = (out / 'last.pt').read_bytes()
+    one_error_line(train(data_dir, out, '--max_iters=2', ok=False), 'init_from=resume')
+    assert (out / 'last.pt').read_bytes() == before
+
+
+def test_resume_with_larger_block_size_or_other_vocab(data_dir, tmp_path):
+    out = tmp_path / 'o'
+    train(data_dir, out, '--max_iters=2', '--eval_interval=1')
+    one_error_line(train(data_dir, out, '--max_iters=4', '--init_from=resume', '--block_size=64',
+                         ok=False), 'block_size')
+
+
+def test_disk_full_during_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, capsys):
+    import common
+    path = str(tmp_path / 'last.pt')
+    common.save_checkpoint({'model': {'w': torch.ones(3)}, 'model_args': {}}, path)
+
+    def full(obj, f):
+        f.write(b'partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full)
+    with pytest.raises(SystemExit):
+        common.save_checkpoint({'model': {'w': torch.zeros(3)}, 'model_args': {}}, path)
+    assert 'No space left' in capsys.readouterr().err
+    monkeypatch.undo()
+    assert torch.equal(common.load_checkpoint(path)['model']['w'], torch.ones(3))
+    assert os.listdir(tmp_path) == ['last.pt']
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp('trained')
+    train(data_dir, out, '--max_iters=4', '--eval_interval=2')
+    return out
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--temperature=-1'], ['temperature']),
+    (['--top_p=1.5'], ['top_p']),
+    (['--top_p=0'], ['top_p']),
+    (['--top_k=0'], ['top_k']),
+    (['--start=FILE:/no/such/file'], ['/no/such/file']),
+    (['--quantize=int4'], ['quantize']),
+    (['--ipex=True'], ['intel_extension_for_pytorch']),
+    (['--ckpt_name=nope.pt'], ['no checkpoint']),
+])
+def test_sample_bad_input(trained, args, words):
+    one_error_line(run('sample.py', f'--out_dir={trained}', *args, ok=False), *words)
+
+
+def test_sample_refuses_damaged_or_mismatched_checkpoints(trained, tmp_path):
+    ck = torch.load(trained / 'ckpt.pt', weights_only=True)
+    (tmp_path / 'trunc.pt').write_bytes((trained / 'ckpt.pt').read_bytes()[:5000])
+    one_error_line(run('sample.py', f'--out_dir={tmp_path}', '--ckpt_name=trunc.pt', ok=False), 'corrupt')
+    ck['model_args']['n_embd'] = 64  # another model shape than the weights
+    torch.save(ck, tmp_path / 'shape.pt')
+    one_error_line(run('sample.py', f'--out_dir={tmp_path}', '--ckpt_name=shape.pt', ok=False),
+                   'does not fit')
+
+
+def test_sample_start_from_file(trained, tmp_path):
+    (tmp_path / 'p.txt').write_text('Tom had a red ball.', encoding='utf-8')
+    p = run('sample.py', f'--out_dir={trained}', f'--start=FILE:{tmp_path}/p.txt', '--max_new_tokens=5')
+    assert p.stdout.startswith('Tom had a red ball.')
