@@ -240,19 +240,22 @@ class GPT(nn.Module):
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):
-    """One token id per row of logits (B, vocab): greedy for temperature 0, else sampled from
-    softmax(logits / temperature) restricted to the top_k most likely tokens and to the smallest
-    set whose probability reaches top_p (nucleus sampling, Holtzman et al. 2019)."""
+    """One token id per row of logits (B, vocab): greedy for temperature 0, else drawn from
+    softmax(logits / temperature), only among the top_k most likely tokens and the smallest set
+    whose probability reaches top_p (nucleus sampling, Holtzman et al. 2019); a token must be
+    in both. Only the most likely candidates are sorted: sorting the whole vocabulary for every
+    token costs more than the rest of sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    most = min(top_k or probs.size(-1), probs.size(-1))
+    k = min(most, 64) if top_p is not None and top_p < 1.0 else most
+    while True:
+        p, ids = torch.topk(probs, k)  # sorted, most likely first
+        if k == most or (p.sum(dim=-1) >= top_p).all():
+            break
+        k = min(4 * k, most)  # the nucleus is larger than these k: look further
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
         # drop a token when the more likely ones already reach top_p; the first always stays
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float('-inf'))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+        p = p.masked_fill(p.cumsum(dim=-1) - p >= top_p, 0.0)
+    return ids.gather(-1, torch.multinomial(p, num_samples=1))

@@ -1,0 +1,241 @@
+"""
+Measure speed and quality honestly, on this machine.
+
+$ python bench.py                          # training and generation speed, seed-002 and CPU models
+$ python bench.py --quantize=int8          # the same with a variant: --ipex, --compile, --dtype
+$ python bench.py --eval_text=../shared/tinystories/valid.txt --out_dir=out   # bits per byte
+$ python bench.py --json=True              # one JSON object per result, after the text
+"""
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.nn import functional as F
+
+from common import configure, die, pick_device, pick_dtype, peak_flops, load_checkpoint, \
+    model_from_checkpoint, optimize_for_inference
+from model import GPT, GPTConfig, sample
+
+# -----------------------------------------------------------------------------
+models = 'seed002,cpu'   # which models to time: seed002 (8x384, ctx 512, vocab 16000), cpu (config)
+batch_size = 8           # training batch (sequences) and the larger generation batch
+block_size = 0           # training context; 0 = the model's
+train_iters = 5          # timed training iterations (the median is reported) after one warm-up
+prompt_tokens = 128      # prefill length
+decode_prompt = 16       # decoding starts from a prompt of this many tokens
+max_new_tokens = 256     # decoded tokens per measurement, with the cache and without
+top_p = 0.9              # decoding samples with nucleus sampling, as sample.py does
+skip_train = False
+out_dir = 'out'          # the checkpoint scored by --eval_text
+ckpt_name = 'ckpt.pt'
+eval_text = ''           # a TinyStories-format file: report loss, perplexity and bits per byte
+eval_batch = 16
+quantize = 'none'        # 'int8': dynamic int8 Linear layers (generation and eval)
+ipex = False
+compile = False
+dtype = 'float32'        # 'bfloat16' measures autocast training and bf16 generation
+device = 'cpu'
+threads = 0              # 0 = PyTorch's default (the physical cores)
+profile = False          # write a torch.profiler trace of decoding and a training step
+json_out = False         # alias of --json
+# -----------------------------------------------------------------------------
+if any(a.startswith('--json') for a in sys.argv[1:]):  # 'json' would shadow the module
+    sys.argv = [a.replace('--json', '--json_out', 1) if a.startswith('--json') else a for a in sys.argv]
+configure(globals())
+# -----------------------------------------------------------------------------
+if quantize not in ('none', 'int8'):
+    die(f"bad value quantize={quantize!r}: use 'none' or 'int8'")
+if threads:
+    torch.set_num_threads(threads)
+device = pick_device(device)
+dtype = pick_dtype(dtype, device)
+ptdtype = getattr(torch, dtype)
+results = []
+
+
+def report(name, **fields):
+    fields['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    results.append({'name': name, **fields})
+    print(f"{name:<34}" + "  ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
+
+
+def sync():
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def model_configs():
+    cpu = {}
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'tinystories_cpu.py')).read(), cpu)
+    out = {'seed002': dict(n_layer=8, n_head=6, n_embd=384, block_size=512, vocab_size=16000),
+           'cpu': {k: cpu[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')}}
+    names = [m for m in models.split(',') if m]
+    for m in names:
+        if m not in out:
+            die(f"unknown model '{m}' in models: use seed002, cpu or both (seed002,cpu)")
+    return [(m, out[m]) for m in names]
+
+
+def bench_train(name, model):
+    T = block_size or model.config.block_size
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(':')[0])
+    step_model = torch.compile(model) if compile else model
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=ptdtype)
+    x = torch.randint(model.config.vocab_size, (batch_size, T + 1), device=device)
+    times = []
+    model.train()
+    for i in range(train_iters + 1):  # the first is warm-up (and compilation)
+        t0 = time.perf_counter()
+        with autocast:
+            _, loss = step_model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times[1:])
+    tokens = batch_size * T
+    report(f"{name} train b{batch_size} ctx{T}", tokens_per_s=round(tokens / dt, 1),
+           ms_per_iter=round(dt * 1000, 1), mfu=round(model.estimate_mfu(tokens, dt, peak, T), 4))
+
+
+@torch.no_grad()
+def recompute_generate(model, idx, n):
+    """nanoGPT's generate: the whole (cropped) context runs again for every new token."""
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat((idx, sample(logits[:, -1, :], 1.0, None, top_p)), dim=1)
+    return idx
+
+
+@torch.no_grad()
+def bench_generate(name, model):
+    V = model.config.vocab_size
+    for B in (1, batch_size):
+        prompt = torch.randint(V, (B, prompt_tokens), device=device)
+        # prefill: the prompt in one forward pass that fills the cache
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            next(model.stream(prompt, 1, 1.0, None, top_p))
+            sync()
+            times.append(time.perf_counter() - t0)
+        report(f"{name} prefill b{B} {prompt_tokens} tok",
+               tokens_per_s=round(B * prompt_tokens / min(times), 1))
+        # decode with the KV cache: the time from the first new token to the last. Random weights
+        # predict nearly uniformly, the worst case for top-p (the nucleus is most of the
+        # vocabulary); greedy shows the cost without sampling
+        prompt = prompt[:, :decode_prompt]
+        speed = {}
+        for how, temp in (('top-p', 1.0), ('greedy', 0.0)):
+            stamps = []
+            for _ in model.stream(prompt, max_new_tokens, temp, None, top_p):
+                sync()
+                stamps.append(time.perf_counter())
+            dt = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+            report(f"{name} decode b{B} kv-cache {how}", tokens_per_s=round(B / dt, 1),
+                   ms_per_token=round(1000 * dt, 2))
+            speed[how] = B / dt
+        if B == 1:  # the baseline: full recomputation of the context for every token, top-p
+            recompute_generate(model, prompt, 2)
+            t0 = time.perf_counter()
+            recompute_generate(model, prompt, max_new_tokens)
+            sync()
+            base = max_new_tokens / (time.perf_counter() - t0)
+            report(f"{name} decode b1 recompute top-p", tokens_per_s=round(base, 1),
+                   kv_cache_speedup=round(speed['top-p'] / base, 2))
+
+
+def bench_profile(name, model):
+    from torch.profiler import profile as prof, ProfilerActivity
+    prompt = torch.randint(model.config.vocab_size, (1, prompt_tokens), device=device)
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        for _ in model.stream(prompt, 32, 1.0, None, top_p):
+            pass
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"trace_{name}_decode.json")
+    p.export_chrome_trace(path)
+    print(f"profile of 32 decoded tokens ({path}, open in chrome://tracing or ui.perfetto.dev):")
+    print(p.key_averages().table(sort_by='self_cpu_time_total', row_limit=12))
+
+
+@torch.no_grad()
+def evaluate(path):
+    """Loss, perplexity and bits per byte of the checkpoint on the stories of `path`, each scored
+    on its own from its begin-of-story token; a story longer than the context is scored with a
+    sliding window of stride block_size/2, every token once; the end-of-story token is not."""
+    import sentencepiece as spm
+    from prepare import read_stories
+    ckpt_path = os.path.join(out_dir, ckpt_name)
+    ckpt = load_checkpoint(ckpt_path, device)
+    model = model_from_checkpoint(ckpt, ckpt_path).to(device).eval()
+    model = optimize_for_inference(model, quantize, ipex, compile)
+    sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
+    try:
+        stories = read_stories(path)
+    except (ValueError, OSError) as e:
+        die(str(e))
+    if not stories:
+        die(f"{path} holds no stories")
+    T, stride = model.config.block_size, model.config.block_size // 2
+    pieces = []  # (input ids, targets with -100 where not scored)
+    n_bytes = 0
+    for story in stories:
+        ids = [sp.bos_id()] + sp.encode(story)
+        n_bytes += len(story.encode('utf-8'))
+        scored = 1  # the next target index to score (ids[0], the BOS, is never a target)
+        start = 0
+        while scored < len(ids):
+            window = ids[start:start + T + 1]
+            tgt = [t if start + 1 + j >= scored else -100 for j, t in enumerate(window[1:])]
+            pieces.append((window[:-1], tgt))
+            scored = start + len(window)
+            start += stride
+    total, count = 0.0, 0
+    t0 = time.perf_counter()
+    for i in range(0, len(pieces), eval_batch):
+        batch = pieces[i:i + eval_batch]
+        L = max(len(x) for x, _ in batch)
+        x = torch.tensor([x + [0] * (L - len(x)) for x, _ in batch], device=device)
+        y = torch.tensor([y + [-100] * (L - len(y)) for _, y in batch], device=device)
+        logits, _ = model(x, y)  # padding sits after the real tokens: causality keeps it out
+        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                                 ignore_index=-100, reduction='sum').item()
+        count += (y != -100).sum().item()
+    loss = total / count
+    report(f"eval {os.path.basename(path)}" + (f" {quantize}" if quantize != 'none' else ''),
+           loss=round(loss, 4), ppl=round(math.exp(loss), 3),
+           bpb=round(total / math.log(2) / n_bytes, 4), tokens=count, bytes=n_bytes,
+           stories=len(stories), seconds=round(time.perf_counter() - t0, 1))
+
+
+if eval_text:
+    evaluate(eval_text)
+else:
+    peak = peak_flops(device, dtype, seconds=2.0)
+    print(f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"device {device}, dtype {dtype}, quantize {quantize}, ipex {ipex}, compile {compile}")
+    report(f"matmul peak {dtype}", gflops=round(peak / 1e9, 1))
+    for name, cfg in model_configs():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**cfg)).to(device)
+        print(f"--- {name}: {model.get_num_params():,} parameters, {cfg}")
+        if not skip_train:
+            bench_train(name, model)
+        model.eval()
+        if dtype != 'float32':
+            model.to(ptdtype)
+        gen_model = optimize_for_inference(model, quantize, ipex, compile)
+        bench_generate(name, gen_model)
+        if profile:
+            bench_profile(name, gen_model)
+if json_out:
+    for r in results:
+        print(json.dumps(r))
