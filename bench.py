@@ -32,6 +32,8 @@ decode_prompt = 16       # decoding starts from a prompt of this many tokens
 max_new_tokens = 256     # decoded tokens per measurement, with the cache and without
 top_p = 0.9              # decoding samples with nucleus sampling, as sample.py does
 skip_train = False
+skip_generate = False
+grad_checkpoint = False  # recompute activations in backward (less memory, more time)
 out_dir = 'out'          # the checkpoint scored by --eval_text
 ckpt_name = 'ckpt.pt'
 eval_text = ''           # a TinyStories-format file: report loss, perplexity and bits per byte
@@ -42,7 +44,8 @@ compile = False
 dtype = 'float32'        # 'bfloat16' measures autocast training and bf16 generation
 device = 'cpu'
 threads = 0              # 0 = PyTorch's default (the physical cores)
-profile = False          # write a torch.profiler trace of decoding and a training step
+profile = False          # write a torch.profiler trace of decoding to out_dir, print the top ops
+plot = ''                # a train.py log.csv: draw its loss curves to a PNG beside it (matplotlib)
 json_out = False         # alias of --json
 # -----------------------------------------------------------------------------
 if any(a.startswith('--json') for a in sys.argv[1:]):  # 'json' would shadow the module
@@ -84,6 +87,7 @@ def model_configs():
 
 def bench_train(name, model):
     T = block_size or model.config.block_size
+    model.grad_checkpoint = grad_checkpoint
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(':')[0])
     step_model = torch.compile(model) if compile else model
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=ptdtype)
@@ -102,7 +106,7 @@ def bench_train(name, model):
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times[1:])
     tokens = batch_size * T
-    report(f"{name} train b{batch_size} ctx{T}", tokens_per_s=round(tokens / dt, 1),
+    report(f"{name} train b{batch_size} ctx{T}" + (" grad-ckpt" if grad_checkpoint else ""), tokens_per_s=round(tokens / dt, 1),
            ms_per_iter=round(dt * 1000, 1), mfu=round(model.estimate_mfu(tokens, dt, peak, T), 4))
 
 
@@ -216,7 +220,39 @@ def evaluate(path):
            stories=len(stories), seconds=round(time.perf_counter() - t0, 1))
 
 
-if eval_text:
+def plot_log(path):
+    """Train and validation loss (and val bits per byte) against iteration, from train.py's CSV."""
+    import csv
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        die("--plot needs matplotlib (optional): pip install matplotlib")
+    try:
+        rows = list(csv.DictReader(open(path)))
+    except OSError as e:
+        die(f"cannot read {path} ({e.strerror})")
+    it = [int(r['iter']) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(it, [float(r['train_loss']) for r in rows], label='train loss')
+    ax.plot(it, [float(r['val_loss']) for r in rows], label='val loss')
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('loss (nats/token)')
+    ax2 = ax.twinx()
+    ax2.plot(it, [float(r['val_bpb']) for r in rows], 'g:', label='val bits/byte')
+    ax2.set_ylabel('val bits per byte')
+    fig.legend(loc='upper right')
+    ax.grid(alpha=0.3)
+    out = os.path.splitext(path)[0] + '.png'
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
+if plot:
+    plot_log(plot)
+elif eval_text:
     evaluate(eval_text)
 else:
     peak = peak_flops(device, dtype, seconds=2.0)
@@ -233,7 +269,8 @@ else:
         if dtype != 'float32':
             model.to(ptdtype)
         gen_model = optimize_for_inference(model, quantize, ipex, compile)
-        bench_generate(name, gen_model)
+        if not skip_generate:
+            bench_generate(name, gen_model)
         if profile:
             bench_profile(name, gen_model)
 if json_out:

@@ -40,15 +40,21 @@ def checked(key, old, value, where):
         return float(value)  # --learning_rate=1 means 1.0
     if isinstance(old, str) and type(value) in (int, float):
         return str(value)    # --start=42 is the text "42"
-    die(f"setting '{key}' ({where}) must be a {type(old).__name__} like {old!r}, got {value!r}")
+    die(f"setting '{key}' ({where}) must be of type {type(old).__name__} (like {old!r}), got {value!r}")
 
 
 def configure(g, argv=None):
     """Override the settings in the module globals `g` from argv (default sys.argv[1:]).
     Returns {name: value} of all settings, to be saved with a checkpoint."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    keys = [k for k, v in g.items()
-            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
+    keys = [k for k, v in g.items()  # UPPER_CASE names are constants, not settings
+            if not k.startswith('_') and not k.isupper()
+            and isinstance(v, (int, float, bool, str, type(None)))]
+    if '--help' in argv or '-h' in argv:
+        print((g.get('__doc__') or '').strip() + '\n\nsettings (--key=value):')
+        for k in keys:
+            print(f"  --{k}={g[k]!r}")
+        sys.exit(0)
 
     def assign(key, value, where):
         if key not in keys:

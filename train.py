@@ -70,19 +70,18 @@ config = configure(globals())
 
 from prepare import load_meta, tok_dir  # noqa: E402
 
-for key, ok in [('batch_size', batch_size > 0), ('block_size', block_size > 0),
-                ('learning_rate', learning_rate > 0), ('min_lr', 0 <= min_lr <= learning_rate),
-                ('max_iters', max_iters >= 0), ('eval_interval', eval_interval > 0),
-                ('eval_iters', eval_iters > 0), ('gradient_accumulation_steps', gradient_accumulation_steps > 0),
-                ('dropout', 0 <= dropout < 1), ('warmup_iters', warmup_iters >= 0),
-                ('n_embd', n_embd > 0 and n_head > 0 and n_embd % n_head == 0 and (n_embd // n_head) % 2 == 0),
-                ('grad_clip', grad_clip >= 0), ('patience', patience >= 0),
-                ('init_from', init_from in ('scratch', 'resume'))]:
+for key, ok, need in [
+        ('batch_size', batch_size > 0, '> 0'), ('block_size', block_size > 0, '> 0'),
+        ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', 0 <= min_lr <= learning_rate, 'in [0, learning_rate]'),
+        ('max_iters', max_iters >= 0, '>= 0'), ('eval_interval', eval_interval > 0, '> 0'),
+        ('eval_iters', eval_iters > 0, '> 0'), ('gradient_accumulation_steps', gradient_accumulation_steps > 0, '> 0'),
+        ('dropout', 0 <= dropout < 1, 'in [0, 1)'), ('warmup_iters', warmup_iters >= 0, '>= 0'),
+        ('n_embd', n_embd > 0 and n_head > 0 and n_embd % n_head == 0 and n_embd // n_head % 2 == 0,
+         'a multiple of n_head with an even head size (RoPE rotates pairs)'),
+        ('grad_clip', grad_clip >= 0, '>= 0 (0 = off)'), ('patience', patience >= 0, '>= 0 (0 = off)'),
+        ('init_from', init_from in ('scratch', 'resume'), "'scratch' or 'resume'")]:
     if not ok:
-        die(f"bad value {key}={config[key]!r}" + (
-            ": n_embd must be a multiple of n_head with an even head size" if key == 'n_embd' else
-            ": use 'scratch' or 'resume'" if key == 'init_from' else ""))
-
+        die(f"bad value {key}={config[key]!r}: it must be {need}")
 # distributed data parallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = int(os.environ.get('RANK', -1)) != -1
 device = pick_device(device)
@@ -124,6 +123,14 @@ if init_from == 'resume':
         die(f"block_size={block_size} is larger than the checkpoint's "
             f"{ckpt['model_args']['block_size']}: resume with --block_size="
             f"{ckpt['model_args']['block_size']} or less")
+
+if master:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another --out_dir")
+    if not os.access(out_dir, os.W_OK):
+        die(f"out_dir '{out_dir}' is not writable: choose another --out_dir")
 
 # ---------------------------------------------------------------------------- data
 data_path = tok_dir(data_dir, vocab_size, tokenizer)
@@ -243,12 +250,6 @@ def checkpoint_state():
 # ---------------------------------------------------------------------------- training loop
 csv_path = os.path.join(out_dir, 'log.csv')
 if master:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        die(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another --out_dir")
-    if not os.access(out_dir, os.W_OK):
-        die(f"out_dir '{out_dir}' is not writable: choose another --out_dir")
     rows = []
     if resumed_at is not None and os.path.exists(csv_path):  # drop what the crashed run logged later
         with open(csv_path) as f:
