@@ -40,7 +40,7 @@ eval_text = ''           # a TinyStories-format file: report loss, perplexity an
 eval_batch = 16
 quantize = 'none'        # 'int8': dynamic int8 Linear layers (generation and eval)
 ipex = False
-compile = False
+compile = False          # torch.compile the training step (decoding gains nothing from it here)
 dtype = 'float32'        # 'bfloat16' measures autocast training and bf16 generation
 device = 'cpu'
 threads = 0              # 0 = PyTorch's default (the physical cores)
@@ -119,8 +119,17 @@ def recompute_generate(model, idx, n):
     return idx
 
 
+def decode_speed(model, prompt, temperature):
+    """Tokens/s of decoding with the KV cache, from the first new token to the last."""
+    stamps = []
+    for _ in model.stream(prompt, max_new_tokens, temperature, None, top_p):
+        sync()
+        stamps.append(time.perf_counter())
+    return prompt.size(0) * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
 @torch.no_grad()
-def bench_generate(name, model):
+def bench_generate(name, model, plain_speed=None):
     V = model.config.vocab_size
     for B in (1, batch_size):
         prompt = torch.randint(V, (B, prompt_tokens), device=device)
@@ -133,20 +142,15 @@ def bench_generate(name, model):
             times.append(time.perf_counter() - t0)
         report(f"{name} prefill b{B} {prompt_tokens} tok",
                tokens_per_s=round(B * prompt_tokens / min(times), 1))
-        # decode with the KV cache: the time from the first new token to the last. Random weights
-        # predict nearly uniformly, the worst case for top-p (the nucleus is most of the
-        # vocabulary); greedy shows the cost without sampling
+        # decode with the KV cache. Random weights predict nearly uniformly, the worst case for
+        # top-p (the nucleus is most of the vocabulary); greedy shows the cost without sampling
         prompt = prompt[:, :decode_prompt]
         speed = {}
         for how, temp in (('top-p', 1.0), ('greedy', 0.0)):
-            stamps = []
-            for _ in model.stream(prompt, max_new_tokens, temp, None, top_p):
-                sync()
-                stamps.append(time.perf_counter())
-            dt = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-            report(f"{name} decode b{B} kv-cache {how}", tokens_per_s=round(B / dt, 1),
-                   ms_per_token=round(1000 * dt, 2))
-            speed[how] = B / dt
+            speed[how] = decode_speed(model, prompt, temp)
+            extra = {'vs_plain_fp32': round(speed[how] / plain_speed[how], 2)} if B == 1 and plain_speed else {}
+            report(f"{name} decode b{B} kv-cache {how}", tokens_per_s=round(speed[how], 1),
+                   ms_per_token=round(1000 * B / speed[how], 2), **extra)
         if B == 1:  # the baseline: full recomputation of the context for every token, top-p
             recompute_generate(model, prompt, 2)
             t0 = time.perf_counter()
@@ -180,7 +184,7 @@ def evaluate(path):
     ckpt_path = os.path.join(out_dir, ckpt_name)
     ckpt = load_checkpoint(ckpt_path, device)
     model = model_from_checkpoint(ckpt, ckpt_path).to(device).eval()
-    model = optimize_for_inference(model, quantize, ipex, compile)
+    model = optimize_for_inference(model, quantize, ipex)
     sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
     try:
         stories = read_stories(path)
@@ -242,7 +246,7 @@ def plot_log(path):
     ax2 = ax.twinx()
     ax2.plot(it, [float(r['val_bpb']) for r in rows], 'g:', label='val bits/byte')
     ax2.set_ylabel('val bits per byte')
-    fig.legend(loc='upper right')
+    fig.legend(loc='upper center', bbox_to_anchor=(0.5, 0.9))
     ax.grid(alpha=0.3)
     out = os.path.splitext(path)[0] + '.png'
     fig.tight_layout()
@@ -255,7 +259,7 @@ if plot:
 elif eval_text:
     evaluate(eval_text)
 else:
-    peak = peak_flops(device, dtype, seconds=2.0)
+    peak = peak_flops(device, dtype, n=2048, seconds=3.0)
     print(f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"device {device}, dtype {dtype}, quantize {quantize}, ipex {ipex}, compile {compile}")
     report(f"matmul peak {dtype}", gflops=round(peak / 1e9, 1))
@@ -266,11 +270,17 @@ else:
         if not skip_train:
             bench_train(name, model)
         model.eval()
+        plain = None
+        if not skip_generate and (quantize != 'none' or ipex or dtype != 'float32'):
+            # the plain fp32 model decoded in the same run: the honest ratio for a variant
+            prompt = torch.randint(cfg['vocab_size'], (1, decode_prompt), device=device)
+            plain = {how: decode_speed(model, prompt, temp) for how, temp in (('top-p', 1.0), ('greedy', 0.0))}
+            report(f"{name} decode b1 kv-cache plain fp32", **{f'{h}_tokens_per_s': round(v, 1) for h, v in plain.items()})
         if dtype != 'float32':
             model.to(ptdtype)
-        gen_model = optimize_for_inference(model, quantize, ipex, compile)
+        gen_model = optimize_for_inference(model, quantize, ipex)
         if not skip_generate:
-            bench_generate(name, gen_model)
+            bench_generate(name, gen_model, plain)
         if profile:
             bench_profile(name, gen_model)
 if json_out:

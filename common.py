@@ -208,7 +208,7 @@ def import_ipex():
             f"PyTorch itself has device='xpu'")
 
 
-def optimize_for_inference(model, quantize='none', ipex=False, compile=False):
+def optimize_for_inference(model, quantize='none', ipex=False):
     """The inference variants that sample.py and bench.py share, each behind its own setting."""
     import warnings
     import torch
@@ -221,6 +221,4 @@ def optimize_for_inference(model, quantize='none', ipex=False, compile=False):
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     if ipex:
         model = import_ipex().optimize(model)
-    if compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
     return model

@@ -27,7 +27,6 @@ top_p = 0.95             # sample only from the smallest set of tokens reaching 
 seed = 1337
 device = 'auto'
 dtype = 'auto'
-compile = False
 quantize = 'none'        # 'int8': dynamic int8 quantization of the Linear layers (CPU)
 ipex = False             # intel_extension_for_pytorch.optimize on the model
 threads = 0              # CPU threads; 0 = PyTorch's default
@@ -67,7 +66,7 @@ bos, eos = sp.bos_id(), sp.eos_id()
 model.eval().to(device)
 if dtype != 'float32':
     model.to(getattr(torch, dtype))
-model = optimize_for_inference(model, quantize, ipex, compile)
+model = optimize_for_inference(model, quantize, ipex)
 
 # a story starts with its begin-of-story token; SentencePiece adds the leading-space marker
 prompt = [bos] + (sp.encode(start) if start else [])
