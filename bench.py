@@ -65,7 +65,7 @@ results = []
 def report(name, **fields):
     fields['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     results.append({'name': name, **fields})
-    print(f"{name:<34}" + "  ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
+    print(f"{name:<34} " + "  ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
 
 
 def sync():
@@ -259,10 +259,10 @@ if plot:
 elif eval_text:
     evaluate(eval_text)
 else:
-    peak = peak_flops(device, dtype, n=2048, seconds=3.0)
+    peak = peak_flops(device, 'float32' if device == 'cpu' else dtype, n=2048, seconds=3.0)
     print(f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"device {device}, dtype {dtype}, quantize {quantize}, ipex {ipex}, compile {compile}")
-    report(f"matmul peak {dtype}", gflops=round(peak / 1e9, 1))
+    report(f"matmul peak {'float32' if device == 'cpu' else dtype}", gflops=round(peak / 1e9, 1))
     for name, cfg in model_configs():
         torch.manual_seed(0)
         model = GPT(GPTConfig(**cfg)).to(device)
