@@ -85,11 +85,9 @@ def model_configs():
     return [(m, out[m]) for m in names]
 
 
-def bench_train(name, model):
-    T = block_size or model.config.block_size
-    model.grad_checkpoint = grad_checkpoint
+def train_step_time(model, step_model, T):
+    """Median seconds of a full training step (forward, backward, clip, AdamW) after a warm-up."""
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(':')[0])
-    step_model = torch.compile(model) if compile else model
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=ptdtype)
     x = torch.randint(model.config.vocab_size, (batch_size, T + 1), device=device)
     times = []
@@ -104,10 +102,22 @@ def bench_train(name, model):
         opt.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - t0)
-    dt = statistics.median(times[1:])
+    return statistics.median(times[1:])
+
+
+def bench_train(name, model):
+    T = block_size or model.config.block_size
+    model.grad_checkpoint = grad_checkpoint
     tokens = batch_size * T
-    report(f"{name} train b{batch_size} ctx{T}" + (" grad-ckpt" if grad_checkpoint else ""), tokens_per_s=round(tokens / dt, 1),
-           ms_per_iter=round(dt * 1000, 1), mfu=round(model.estimate_mfu(tokens, dt, peak, T), 4))
+    if compile:  # the eager step in the same run, for the ratio
+        eager = train_step_time(model, model, T)
+        report(f"{name} train b{batch_size} ctx{T} eager", tokens_per_s=round(tokens / eager, 1),
+               ms_per_iter=round(eager * 1000, 1))
+    dt = train_step_time(model, torch.compile(model) if compile else model, T)
+    extra = {'vs_eager': round(eager / dt, 2)} if compile else {}
+    report(f"{name} train b{batch_size} ctx{T}" + (" grad-ckpt" if grad_checkpoint else "") +
+           (" compiled" if compile else ""), tokens_per_s=round(tokens / dt, 1),
+           ms_per_iter=round(dt * 1000, 1), mfu=round(model.estimate_mfu(tokens, dt, peak, T), 4), **extra)
 
 
 @torch.no_grad()
