@@ -150,6 +150,9 @@ for split in ('train', 'val'):
     data[split] = path
 with open(os.path.join(data_path, meta['tokenizer_model']), 'rb') as f:
     tokenizer_proto = f.read()
+if ckpt is not None and ckpt['tokenizer'] != tokenizer_proto:
+    die(f"the tokenizer in {data_path} is not the one the checkpoint was trained with (prepare.py "
+        f"was rerun?): resume with the data it was trained on, or train from scratch")
 bytes_per_token = meta['val_bytes'] / meta['val_tokens']  # turns nats/token into bits/byte
 
 

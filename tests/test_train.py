@@ -3,6 +3,7 @@ SIGKILL at random moments), Ctrl-C saves, and every bad input is one clear line.
 import csv
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run
+from conftest import ROOT, SHARED, run
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
         '--eval_iters=2', '--vocab_size=512', '--log_interval=5', '--dropout=0.1',
@@ -178,6 +179,11 @@ def test_resume_with_larger_block_size_or_other_vocab(data_dir, tmp_path):
     train(data_dir, out, '--max_iters=2', '--eval_interval=1')
     one_error_line(train(data_dir, out, '--max_iters=4', '--init_from=resume', '--block_size=64',
                          ok=False), 'block_size')
+    other = tmp_path / 'other'  # the same vocab size, another tokenizer (prepare.py rerun)
+    shutil.copytree(data_dir, other)
+    run('prepare.py', f'--source={SHARED / "valid.txt"}', f'--data_dir={other}', '--vocab_size=512')
+    one_error_line(train(other, out, '--max_iters=4', '--init_from=resume', ok=False),
+                   'not the one the checkpoint was trained with')
 
 
 def test_disk_full_during_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, capsys):
