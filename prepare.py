@@ -165,6 +165,11 @@ def find_splits(source, val_fraction=0.01):
 
 def load_hub(name):
     import datasets  # slow to import, and only the hub needs it
+    import huggingface_hub
+    # its retry warnings would bury the one-line error below when the hub is unreachable
+    datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    print(f"loading {name} from the Hugging Face hub (about 1.9 GB the first time)...", flush=True)
     try:
         ds = datasets.load_dataset(name)
     except Exception as e:  # offline, DNS, unknown repo...: say what to do instead
