@@ -122,11 +122,11 @@ class GPT(nn.Module):
         # weight tying (Press & Wolf 2017): the output layer reuses the token embedding
         self.transformer.wte.weight = self.lm_head.weight
         # fixed tables, not parameters: rebuilt here rather than saved in checkpoints
-        hd = config.n_embd // config.n_head
-        cos, sin = rope_cache(config.block_size, hd, config.rope_theta)
-        self.register_buffer('rope_cos', cos, persistent=False)
-        self.register_buffer('rope_sin', sin, persistent=False)
-        if config.pos_emb == 'sinusoidal':
+        if config.pos_emb == 'rope':
+            cos, sin = rope_cache(config.block_size, config.n_embd // config.n_head, config.rope_theta)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
+        elif config.pos_emb == 'sinusoidal':
             cos, sin = rope_cache(config.block_size, config.n_embd)
             self.register_buffer('wpe_fixed', torch.stack((sin, cos), -1).flatten(1), persistent=False)
         self.grad_checkpoint = False  # recompute each block in backward: less memory, ~30% more time
