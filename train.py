@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import sentencepiece as spm  # noqa: F401  (fail early, here, if it is missing)
 
-from common import configure, die, pick_device, pick_dtype, peak_flops, save_checkpoint, \
+from common import configure, die, first_line, pick_device, pick_dtype, peak_flops, save_checkpoint, \
     load_checkpoint, model_from_checkpoint, import_ipex
 from model import GPT, GPTConfig
 
@@ -306,8 +306,11 @@ while True:
         if ddp:  # all-reduce the gradients only on the last micro-step
             model.require_backward_grad_sync = micro_step == accum - 1
         X, Y = get_batch('train', ix[micro_step, rank])
-        with autocast:
-            _, loss = model(X, Y)
+        try:
+            with autocast:
+                _, loss = model(X, Y)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # compile=True: inductor needs a C++ compiler
+            die(f"torch.compile failed ({first_line(e)}): install a C++ compiler (g++) or use --compile=False")
         if not torch.isfinite(loss):
             die(f"loss is {loss.item()} at iteration {iter_num}: stopped; the last good checkpoint "
                 f"{out_dir}/last.pt is kept (try a lower learning_rate, or dtype=bfloat16/float32)")

@@ -19,8 +19,8 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
         '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4', '--threads=1']
 
 
-def train(data_dir, out, *args, ok=True):
-    return run('train.py', f'--data_dir={data_dir}', f'--out_dir={out}', *TINY, *args, ok=ok)
+def train(data_dir, out, *args, ok=True, **kw):
+    return run('train.py', f'--data_dir={data_dir}', f'--out_dir={out}', *TINY, *args, ok=ok, **kw)
 
 
 def log_rows(out):
@@ -162,6 +162,12 @@ def test_early_stopping_after_patience(data_dir, tmp_path):
 ])
 def test_train_bad_input(data_dir, tmp_path, args, words):
     one_error_line(train(data_dir, tmp_path / 'o', *args, ok=False), *words)
+
+
+def test_compile_without_a_cxx_compiler_is_one_line(data_dir, tmp_path):
+    p = train(data_dir, tmp_path / 'o', '--compile=True', '--max_iters=2', ok=False,
+              env={**os.environ, 'CXX': '/nonexistent/g++'})
+    one_error_line(p, 'torch.compile failed', '--compile=False')
 
 
 def test_train_bad_out_dir_and_existing_run(data_dir, tmp_path):
