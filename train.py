@@ -44,6 +44,7 @@ n_layer = 4
 n_head = 4
 n_embd = 192
 dropout = 0.1
+attn_dropout = 0.0       # dropout on the attention weights too (nanoGPT: = dropout); slow on CPUs
 bias = False
 pos_emb = 'rope'         # 'rope', 'learned' or 'sinusoidal'
 grad_checkpoint = False  # recompute activations in backward: less memory, more time
@@ -75,7 +76,8 @@ for key, ok, need in [
         ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', 0 <= min_lr <= learning_rate, 'in [0, learning_rate]'),
         ('max_iters', max_iters >= 0, '>= 0'), ('eval_interval', eval_interval > 0, '> 0'),
         ('eval_iters', eval_iters > 0, '> 0'), ('gradient_accumulation_steps', gradient_accumulation_steps > 0, '> 0'),
-        ('dropout', 0 <= dropout < 1, 'in [0, 1)'), ('warmup_iters', warmup_iters >= 0, '>= 0'),
+        ('dropout', 0 <= dropout < 1, 'in [0, 1)'), ('attn_dropout', 0 <= attn_dropout < 1, 'in [0, 1)'),
+        ('warmup_iters', warmup_iters >= 0, '>= 0'),
         ('n_embd', n_embd > 0 and n_head > 0 and n_embd % n_head == 0 and n_embd // n_head % 2 == 0,
          'a multiple of n_head with an even head size (RoPE rotates pairs)'),
         ('grad_clip', grad_clip >= 0, '>= 0 (0 = off)'), ('patience', patience >= 0, '>= 0 (0 = off)'),
@@ -176,7 +178,7 @@ data_gen = torch.Generator().manual_seed(seed)
 
 # ---------------------------------------------------------------------------- model
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                  vocab_size=vocab_size, dropout=dropout, bias=bias, pos_emb=pos_emb)
+                  vocab_size=vocab_size, dropout=dropout, attn_dropout=attn_dropout, bias=bias, pos_emb=pos_emb)
 if ckpt is None:
     model = GPT(GPTConfig(**model_args))
     iter_num, best_val_loss, bad_evals = 0, float('inf'), 0

@@ -233,6 +233,15 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
     assert torch.equal(sample(logits, 0).squeeze(1), logits.argmax(-1))
 
 
+def test_dropout_and_attn_dropout_act_only_when_set_and_only_in_training():
+    x = torch.randint(0, 97, (2, 16))
+    for kw, random_in_training in [({}, False), ({'dropout': 0.5}, True), ({'attn_dropout': 0.5}, True)]:
+        model = tiny(**kw).train()
+        assert torch.equal(model(x)[0], model(x)[0]) != random_in_training, kw
+        model.eval()
+        assert torch.equal(model(x)[0], model(x)[0]), kw
+
+
 def test_tiny_model_overfits_one_batch():
     model = tiny()
     idx = torch.randint(0, 97, (4, 32))
