@@ -71,6 +71,19 @@ def test_train_resume_sample_end_to_end(data_dir, tmp_path):
     assert p3.stdout.count('--- sample') == 2
 
 
+@pytest.mark.parametrize('config', sorted(os.listdir(ROOT / 'config')))
+def test_every_config_is_accepted_and_builds_its_model(data_dir, tmp_path, config):
+    """The shipped configs name only real settings; each builds its model and writes a checkpoint
+    (on the small test data: vocab 512, tiny batches, no steps)."""
+    out = tmp_path / 'o'
+    run('train.py', f'config/{config}', f'--data_dir={data_dir}', f'--out_dir={out}', '--vocab_size=512',
+        '--batch_size=1', '--eval_iters=1', '--max_iters=0', '--device=cpu', '--dtype=float32')
+    cfg = {}
+    exec((ROOT / 'config' / config).read_text(), cfg)
+    args = torch.load(out / 'ckpt.pt', weights_only=True)['model_args']
+    assert all(args[k] == cfg[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size') if k in cfg)
+
+
 def test_resume_is_bit_exact(data_dir, tmp_path):
     full, split = tmp_path / 'full', tmp_path / 'split'
     args = ['--eval_interval=10', '--lr_decay_iters=30']
