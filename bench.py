@@ -34,6 +34,8 @@ top_p = 0.9              # decoding samples with nucleus sampling, as sample.py 
 skip_train = False
 skip_generate = False
 grad_checkpoint = False  # recompute activations in backward (less memory, more time)
+dropout = 0.0            # dropout in the timed training step (the configs use 0.1-0.2)
+attn_dropout = 0.0       # dropout on the attention weights: the slow attention kernel on CPUs
 out_dir = 'out'          # the checkpoint scored by --eval_text
 ckpt_name = 'ckpt.pt'
 eval_text = ''           # a TinyStories-format file: report loss, perplexity and bits per byte
@@ -109,14 +111,16 @@ def bench_train(name, model):
     T = block_size or model.config.block_size
     model.grad_checkpoint = grad_checkpoint
     tokens = batch_size * T
+    name = f"{name} train b{batch_size} ctx{T}"
+    if dropout or attn_dropout:
+        name += f" dropout {dropout}/{attn_dropout}"
     if compile:  # the eager step in the same run, for the ratio
         eager = train_step_time(model, model, T)
-        report(f"{name} train b{batch_size} ctx{T} eager", tokens_per_s=round(tokens / eager, 1),
-               ms_per_iter=round(eager * 1000, 1))
+        report(f"{name} eager", tokens_per_s=round(tokens / eager, 1), ms_per_iter=round(eager * 1000, 1))
     dt = train_step_time(model, torch.compile(model) if compile else model, T)
     extra = {'vs_eager': round(eager / dt, 2)} if compile else {}
-    report(f"{name} train b{batch_size} ctx{T}" + (" grad-ckpt" if grad_checkpoint else "") +
-           (" compiled" if compile else ""), tokens_per_s=round(tokens / dt, 1),
+    report(name + (" grad-ckpt" if grad_checkpoint else "") + (" compiled" if compile else ""),
+           tokens_per_s=round(tokens / dt, 1),
            ms_per_iter=round(dt * 1000, 1), mfu=round(model.estimate_mfu(tokens, dt, peak, T), 4), **extra)
 
 
@@ -275,7 +279,7 @@ else:
     report(f"matmul peak {'float32' if device == 'cpu' else dtype}", gflops=round(peak / 1e9, 1))
     for name, cfg in model_configs():
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**cfg)).to(device)
+        model = GPT(GPTConfig(**cfg, dropout=dropout, attn_dropout=attn_dropout)).to(device)
         print(f"--- {name}: {model.get_num_params():,} parameters, {cfg}")
         if not skip_train:
             bench_train(name, model)
