@@ -2,7 +2,7 @@
 Prepare TinyStories for training: train a SentencePiece tokenizer and write the token ids.
 
     python prepare.py                                   # from the Hugging Face hub
-    python prepare.py --source=../shared/tinystories --vocab_size=4096
+    python prepare.py --source=../shared/tinystories
 
 Output, in data_dir/tok{vocab_size} (or char{vocab_size}), so several sizes live side by side:
 tokenizer.model, train.bin and val.bin (numpy uint16 ids, each story as BOS + ids + EOS),
@@ -23,7 +23,7 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'  # a hub dataset; an existing file or directory is local files
 data_dir = 'data'
-vocab_size = 2048
+vocab_size = 4096       # what config/tinystories_cpu.py uses; see docs/tuning.md
 tokenizer = 'bpe'       # 'bpe' or 'char'
 vocab_sample = 200_000  # stories used to train the tokenizer (a fixed random sample)
 num_proc = 0            # tokenizing processes; 0 = os.cpu_count()

@@ -34,7 +34,7 @@ init_from = 'scratch'    # 'scratch' or 'resume' (from out_dir/last.pt)
 patience = 0             # stop after this many evaluations without a better val loss; 0 = never
 # data (made by prepare.py)
 data_dir = 'data'
-vocab_size = 2048
+vocab_size = 4096
 tokenizer = 'bpe'
 batch_size = 16          # sequences per micro-step (per process under DDP)
 block_size = 256
