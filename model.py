@@ -25,7 +25,7 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0      # on the embeddings and on each sublayer's output
-    attn_dropout: float = 0.0 # on the attention weights: on a CPU it costs ~20% of a training step
+    attn_dropout: float = 0.0  # on the attention weights: on a CPU it costs ~20% of a training step
     bias: bool = False        # biases in Linears and LayerNorms: True is GPT-2; False is a bit faster
     pos_emb: str = 'rope'     # 'rope', or 'learned' (GPT-2) / 'sinusoidal' (Vaswani et al.) to compare
     rope_theta: float = 10000.0
