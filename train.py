@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import sentencepiece as spm  # noqa: F401  (fail early, here, if it is missing)
 
-from common import configure, die, first_line, pick_device, pick_dtype, peak_flops, save_checkpoint, \
-    load_checkpoint, model_from_checkpoint, import_ipex
+from common import configure, die, first_line, pick_device, pick_dtype, peak_flops, \
+    save_checkpoint, load_checkpoint, model_from_checkpoint, import_ipex
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -84,6 +84,7 @@ for key, ok, need in [
         ('init_from', init_from in ('scratch', 'resume'), "'scratch' or 'resume'")]:
     if not ok:
         die(f"bad value {key}={config[key]!r}: it must be {need}")
+
 # distributed data parallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = int(os.environ.get('RANK', -1)) != -1
 device = pick_device(device)
@@ -178,7 +179,8 @@ data_gen = torch.Generator().manual_seed(seed)
 
 # ---------------------------------------------------------------------------- model
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                  vocab_size=vocab_size, dropout=dropout, attn_dropout=attn_dropout, bias=bias, pos_emb=pos_emb)
+                  vocab_size=vocab_size, dropout=dropout, attn_dropout=attn_dropout, bias=bias,
+                  pos_emb=pos_emb)
 if ckpt is None:
     model = GPT(GPTConfig(**model_args))
     iter_num, best_val_loss, bad_evals = 0, float('inf'), 0
