@@ -164,19 +164,22 @@ def load_checkpoint(path, device='cpu'):
     """torch.load with weights_only=True: tensors and plain values only, so a crafted file
     cannot run code. Every failure is one clear line."""
     import pickle
+    import warnings
     import torch
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}: train one first (python train.py config/tinystories_cpu.py)"
             f" or set --out_dir")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # damaged files also warn about pickle protocols
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         if 'weights_only' in str(e) or 'Unsupported' in str(e) or 'global' in str(e).lower():
             die(f"refused to load {path}: it holds Python objects, not only tensors and plain "
                 f"values, and loading it could run code; use checkpoints made by train.py")
         die(f"checkpoint {path} is corrupt ({first_line(e)}): use another or retrain")
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        die(f"checkpoint {path} is corrupt or truncated ({first_line(e)}): "
+    except Exception as e:  # damaged bytes fail in many ways (EOFError, IndexError, KeyError...)
+        die(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first_line(e)}): "
             f"use another checkpoint or retrain")
     if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
         die(f"{path} is not a checkpoint made by train.py (no 'model' and 'model_args')")
