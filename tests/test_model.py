@@ -233,6 +233,26 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
     assert torch.equal(sample(logits, 0).squeeze(1), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("top_k, top_p", [(None, 0.7), (3, 0.9), (None, 0.3), (4, None)])
+def test_sampling_follows_the_renormalised_truncated_distribution(top_k, top_p):
+    # the reference sorts the vocabulary, as Holtzman et al. describe: keep the top_k most
+    # likely tokens and the smallest prefix reaching top_p, then renormalise
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.5, 1.4, 0.5, 0.0, -0.5, -1.0, -3.0])
+    p, order = torch.softmax(logits, -1).sort(descending=True)
+    keep = torch.ones(8, dtype=torch.bool)
+    if top_k:
+        keep[top_k:] = False
+    if top_p:
+        keep &= p.cumsum(0) - p < top_p
+    expected = torch.zeros(8).scatter(0, order, torch.where(keep, p, 0.0))
+    expected /= expected.sum()
+    n = 40_000
+    draws = sample(logits.expand(n, 8), 1.0, top_k, top_p).squeeze(1)
+    freq = torch.bincount(draws, minlength=8).float() / n
+    assert (freq - expected).abs().max() < 0.01, (freq, expected)
+
+
 def test_dropout_and_attn_dropout_act_only_when_set_and_only_in_training():
     x = torch.randint(0, 97, (2, 16))
     for kw, random_in_training in [({}, False), ({'dropout': 0.5}, True), ({'attn_dropout': 0.5}, True)]:
