@@ -61,11 +61,11 @@ class CausalSelfAttention(nn.Module):
         block_size, hd) keys and values of this layer), the new k, v are stored in it and the
         queries attend to all keys so far, so each token is computed once while sampling."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # (B, T, 3C) -> (3, B, nh, T, hd): q, k, v, with the heads as a batch dimension
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(qkv[:2], *rope).unbind(0)  # q and k rotate in one go
         if cache is not None:
             assert pos == 0 or T == 1, "the cache is filled by one prefill, then one token a step"
             cache[0, :, :, pos:pos + T], cache[1, :, :, pos:pos + T] = k, v
@@ -73,7 +73,7 @@ class CausalSelfAttention(nn.Module):
         # one new token may see every cached key: no mask needed then
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
