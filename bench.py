@@ -286,9 +286,10 @@ else:
         model.eval()
         plain = None
         if not skip_generate and (quantize != 'none' or ipex or dtype != 'float32'):
-            # the plain fp32 model decoded in the same run: the honest ratio for a variant
+            # the fp32 model as sample.py runs it, decoded in the same run: the honest ratio
             prompt = torch.randint(cfg['vocab_size'], (1, decode_prompt), device=device)
-            plain = {how: decode_speed(model, prompt, temp) for how, temp in (('top-p', 1.0), ('greedy', 0.0))}
+            fp32 = optimize_for_inference(model)
+            plain = {how: decode_speed(fp32, prompt, temp) for how, temp in (('top-p', 1.0), ('greedy', 0.0))}
             report(f"{name} decode b1 kv-cache plain fp32", **{f'{h}_tokens_per_s': round(v, 1) for h, v in plain.items()})
         if dtype != 'float32':
             model.to(ptdtype)

@@ -224,4 +224,11 @@ def optimize_for_inference(model, quantize='none', ipex=False):
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     if ipex:
         model = import_ipex().optimize(model)
+    if quantize == 'none' and not ipex and next(model.parameters()).device.type == 'cpu':
+        # Decoding multiplies each weight matrix by one vector, and the time goes in reading the
+        # weight. MKL reads a Linear's weight stored column-major (the transpose contiguous)
+        # 1.2-3x faster in that product on the CPU measured (README); same values, new order.
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data = m.weight.data.t().contiguous().t()
     return model

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from common import configure, load_checkpoint, save_checkpoint
+from common import configure, load_checkpoint, optimize_for_inference, save_checkpoint
 
 
 def settings():
@@ -105,3 +105,19 @@ def test_corrupt_checkpoints_are_one_clear_line(tmp_path, capsys, damage):
         load_checkpoint(path)
     err = capsys.readouterr().err
     assert ('corrupt' in err or 'not a checkpoint' in err) and err.count('\n') == 1, err
+
+
+def test_optimize_for_inference_keeps_the_model_s_outputs():
+    import copy
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=100)).eval()
+    x = torch.randint(100, (2, 16))
+    ref = model(x)[0]
+    fast = optimize_for_inference(copy.deepcopy(model))  # fp32: weights re-laid column-major
+    assert fast.lm_head.weight.stride() == (1, 100) and fast.transformer.wte.weight is fast.lm_head.weight
+    assert torch.allclose(fast(x)[0], ref, atol=1e-5)
+    assert torch.equal(fast.generate(x, 10, temperature=0), model.generate(x, 10, temperature=0))
+    int8 = optimize_for_inference(copy.deepcopy(model), 'int8')
+    err = (int8(x)[0] - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.05  # quantized: close, not equal
