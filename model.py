@@ -263,6 +263,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
     token = draw(probs)
     if top_p is None or top_p >= 1.0:
         return token
+    assert top_p > 0, "top_p must be in (0, 1]"
     # The nucleus without sorting the vocabulary: a token is in it when the tokens more likely
     # than it hold less than top_p. Redraw the rows whose token is not (rejection sampling):
     # the kept draws follow the renormalised nucleus exactly, and as the nucleus holds at
