@@ -156,8 +156,8 @@ def bench_generate(name, model, plain_speed=None):
             times.append(time.perf_counter() - t0)
         report(f"{name} prefill b{B} {prompt_tokens} tok",
                tokens_per_s=round(B * prompt_tokens / min(times), 1))
-        # decode with the KV cache. Random weights predict nearly uniformly, the worst case for
-        # top-p (the nucleus is most of the vocabulary); greedy shows the cost without sampling
+        # decode with the KV cache. Random weights predict nearly uniformly (the nucleus is most
+        # of the vocabulary); greedy shows the cost without sampling
         prompt = prompt[:, :decode_prompt]
         speed = {}
         for how, temp in (('top-p', 1.0), ('greedy', 0.0)):
