@@ -39,7 +39,7 @@ def rope_cache(T, head_dim, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x1, x2) of the last dim of x (B, nh, T, hd) by its position's angle.
+    """Rotate each pair (x1, x2) of the last dim of x (..., T, hd) by its position's angle.
     A rotation keeps lengths and q.k then depends only on the distance between positions."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
