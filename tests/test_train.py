@@ -95,8 +95,8 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
 
 
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data_dir, tmp_path):
-    args = [f'--data_dir={data_dir}', *TINY, '--eval_interval=3', '--max_iters=60',
-            '--lr_decay_iters=60', '--n_embd=64', '--n_layer=3']
+    args = [f'--data_dir={data_dir}', *TINY, '--eval_interval=3', '--max_iters=90',
+            '--lr_decay_iters=90', '--n_embd=64', '--n_layer=3']
     ref = tmp_path / 'ref'
     run('train.py', f'--out_dir={ref}', *args)
     out = tmp_path / 'killed'
@@ -111,10 +111,11 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data_dir, tm
         proc = subprocess.Popen([sys.executable, 'train.py', f'--out_dir={out}', *args,
                                  f"--init_from={'resume' if resume else 'scratch'}"],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if kills < 4:  # kill at a random moment after some progress (an evaluation or two)
-            while proc.poll() is None and evals() <= before + 1:
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.4))
+        if kills < 4:  # kill after 1-3 new evaluations, at a random moment within the next one
+            target = before + rng.randint(1, 3)
+            while proc.poll() is None and evals() <= target:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.02))  # an eval cycle (3 steps, eval, 2 saves) is ~50 ms
         if kills == 4 or proc.poll() is not None:
             proc.wait(timeout=300)
             assert proc.returncode == 0, proc.stderr.read()
@@ -122,7 +123,8 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data_dir, tm
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-    assert kills == 4 and torch.load(out / 'last.pt', weights_only=True)['iter_num'] == 60
+    assert kills == 4, f'the run finished after {kills} kills: the kills came too late'
+    assert torch.load(out / 'last.pt', weights_only=True)['iter_num'] == 90
     assert log_rows(ref) == log_rows(out)
     assert same_weights(weights(ref / 'last.pt'), weights(out / 'last.pt'))
     assert same_weights(weights(ref / 'ckpt.pt'), weights(out / 'ckpt.pt'))
