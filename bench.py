@@ -6,6 +6,7 @@ $ python bench.py --quantize=int8          # the same with a variant: --ipex, --
 $ python bench.py --eval_text=../shared/tinystories/valid.txt --out_dir=out   # bits per byte
 $ python bench.py --json=True              # one JSON object per result, after the text
 """
+import copy
 import json
 import math
 import os
@@ -124,7 +125,7 @@ def bench_train(name, model):
            ms_per_iter=round(dt * 1000, 1), mfu=round(model.estimate_mfu(tokens, dt, peak, T), 4), **extra)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as stream(): the ratio is the cache alone
 def recompute_generate(model, idx, n):
     """nanoGPT's generate: the whole (cropped) context runs again for every new token."""
     for _ in range(n):
@@ -288,7 +289,7 @@ else:
         if not skip_generate and (quantize != 'none' or ipex or dtype != 'float32'):
             # the fp32 model as sample.py runs it, decoded in the same run: the honest ratio
             prompt = torch.randint(cfg['vocab_size'], (1, decode_prompt), device=device)
-            fp32 = optimize_for_inference(model)
+            fp32 = optimize_for_inference(copy.deepcopy(model))  # it swaps the Linears in place
             plain = {how: decode_speed(fp32, prompt, temp) for how, temp in (('top-p', 1.0), ('greedy', 0.0))}
             report(f"{name} decode b1 kv-cache plain fp32", **{f'{h}_tokens_per_s': round(v, 1) for h, v in plain.items()})
         if dtype != 'float32':

@@ -212,7 +212,8 @@ def import_ipex():
 
 
 def optimize_for_inference(model, quantize='none', ipex=False):
-    """The inference variants that sample.py and bench.py share, each behind its own setting."""
+    """The inference variants that sample.py and bench.py share, each behind its own setting.
+    Use the model returned: int8 makes a copy, the fp32 CPU layout changes `model` itself."""
     import warnings
     import torch
     if quantize == 'int8':
@@ -226,10 +227,28 @@ def optimize_for_inference(model, quantize='none', ipex=False):
         model = import_ipex().optimize(model)
     if quantize == 'none' and not ipex and next(model.parameters()).device.type == 'cpu':
         # Decoding multiplies each weight matrix by one vector, and the time goes in reading the
-        # weight. On the CPU measured (README), MKL does that product faster with the weight
-        # stored column-major (its transpose contiguous), a wide lm_head most of all.
-        # Same values, another memory order.
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.data = m.weight.data.t().contiguous().t()
+        # weights. MKL does that product on one core, so the output rows of each Linear are cut
+        # into one contiguous block per thread and multiplied as a batch, one block per core.
+        # Same values, another memory order; the embedding keeps the tied matrix for lookups.
+        threads = torch.get_num_threads()
+
+        class ThreadedLinear(torch.nn.Module):
+            def __init__(self, linear):
+                super().__init__()
+                out_f, in_f = linear.weight.shape
+                parts = max(p for p in range(1, threads + 1) if out_f % p == 0)
+                w = linear.weight.detach().view(parts, out_f // parts, in_f)
+                self.register_buffer('blocks', w.transpose(1, 2).contiguous())  # (parts, in, out/parts)
+                self.bias = linear.bias
+
+            def forward(self, x):
+                parts, in_f, _ = self.blocks.shape
+                y = torch.bmm(x.reshape(1, -1, in_f).expand(parts, -1, -1), self.blocks)
+                y = y.transpose(0, 1).reshape(*x.shape[:-1], -1)  # blocks side by side again
+                return y if self.bias is None else y + self.bias
+
+        for m in list(model.modules()):
+            for name, child in m.named_children():
+                if isinstance(child, torch.nn.Linear):
+                    setattr(m, name, ThreadedLinear(child))
     return model
