@@ -247,8 +247,8 @@ def optimize_for_inference(model, quantize='none', ipex=False):
                 y = y.transpose(0, 1).reshape(*x.shape[:-1], -1)  # blocks side by side again
                 return y if self.bias is None else y + self.bias
 
-        for m in list(model.modules()):
-            for name, child in m.named_children():
-                if isinstance(child, torch.nn.Linear):
+        for m in [m for m in model.modules() if not isinstance(m, torch.nn.Linear)]:
+            for name, child in list(m.named_children()):
+                if isinstance(child, torch.nn.Linear):  # one at a time: the old weight goes at once
                     setattr(m, name, ThreadedLinear(child))
     return model
