@@ -201,7 +201,7 @@ class GPT(nn.Module):
         (bench.py measures the CPU's; an A100's 312 TFLOP/s would be meaningless on a laptop)."""
         return self.flops_per_token(T) * tokens_per_iter / dt / peak_flops
 
-    @torch.inference_mode()  # no_grad, and no autograd bookkeeping on tensors: ~5% faster
+    @torch.inference_mode()  # no_grad, and no autograd bookkeeping on tensors: 5-10% faster
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
         """Yield (B, 1) new tokens, one per step, continuing the prompts idx (B, T).
         The prompt is run once (prefill) to fill the cache; each step then runs one token.

@@ -115,13 +115,17 @@ def test_optimize_for_inference_keeps_the_model_s_outputs():
     x = torch.randint(100, (2, 16))
     ref = model(x)[0]
     threads = torch.get_num_threads()
+    biased = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=100, bias=True)).eval()
+    for b in biased.parameters():
+        torch.nn.init.normal_(b, std=0.1)  # biases start at zero: make them count
     try:
         for n in (1, 2, 3):  # fp32: Linear weights cut into n blocks (fewer where n does not divide)
             torch.set_num_threads(n)
-            fast = optimize_for_inference(copy.deepcopy(model))
-            assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
-            assert torch.allclose(fast(x)[0], ref, atol=1e-5)
-            assert torch.equal(fast.generate(x, 10, temperature=0), model.generate(x, 10, temperature=0))
+            for m in (model, biased):
+                fast = optimize_for_inference(copy.deepcopy(m))
+                assert not any(isinstance(layer, torch.nn.Linear) for layer in fast.modules())
+                assert torch.allclose(fast(x)[0], m(x)[0], atol=1e-5)
+                assert torch.equal(fast.generate(x, 10, temperature=0), m.generate(x, 10, temperature=0))
     finally:
         torch.set_num_threads(threads)
     int8 = optimize_for_inference(copy.deepcopy(model), 'int8')
