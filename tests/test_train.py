@@ -113,7 +113,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data_dir, tm
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < 4:  # kill after 1-3 new evaluations, at a random moment within the next one
             target = before + rng.randint(1, 3)
-            while proc.poll() is None and evals() <= target:
+            while proc.poll() is None and evals() < target:
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.02))  # an eval cycle (3 steps, eval, 2 saves) is ~50 ms
         if kills == 4 or proc.poll() is not None:
