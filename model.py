@@ -182,11 +182,17 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu'):
-        """AdamW; weight decay on the matrices (Linears, embedding) only, not on biases or norms."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu', muon=False):
+        """AdamW; weight decay on the matrices (Linears, embedding) only, not on biases or norms.
+        muon=True: Muon (below) for the matrices inside the blocks, AdamW for the rest."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+        hidden = [p for p in self.transformer.h.parameters() if p.dim() == 2 and p.requires_grad] if muon else []
+        groups = [{'params': [p for p in params if p.dim() >= 2 and all(p is not h for h in hidden)],
+                   'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        if muon:
+            return Muon([{'params': hidden, 'weight_decay': weight_decay, 'muon': True}] + groups,
+                        lr=learning_rate, betas=betas)
         # the fused kernel is fastest on CUDA; on the CPU the default (foreach) is
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
 
@@ -238,6 +244,51 @@ class GPT(nn.Module):
         reached stop_token). temperature=0 is greedy; top_k and top_p restrict the choices."""
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token))
         return torch.cat([idx] + new, dim=1)
+
+
+def orthogonalize(G, steps=5):
+    """Roughly U V^T for G = U S V^T: Muon's quintic Newton-Schulz iteration, whose coefficients
+    move every singular value into about [0.7, 1.2] in a few steps rather than exactly to 1."""
+    X = G / G.norm().clamp(min=1e-7)  # singular values at most 1, where the iteration converges
+    if G.size(0) > G.size(1):
+        X = X.T  # so that the Gram matrix X X^T is the smaller one
+    for _ in range(steps):
+        A = X @ X.T
+        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
+    return X.T if G.size(0) > G.size(1) else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) for the groups with
+    muon=True, AdamW for the others. Muon steps along its Nesterov momentum made orthogonal:
+    every direction of a weight matrix moves by the same amount, the rarely seen ones too.
+    An orthogonal update's entries are small (~1/sqrt(width)), so its step is lr_ratio x lr."""
+
+    def __init__(self, groups, lr, betas, momentum=0.95, lr_ratio=10.0, eps=1e-8):
+        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, lr_ratio=lr_ratio,
+                                      eps=eps, muon=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (beta1, beta2) = group['lr'], group['betas']
+            for p in [p for p in group['params'] if p.grad is not None]:
+                g, state = p.grad, self.state[p]
+                p.mul_(1 - lr * group['weight_decay'])  # decoupled weight decay, as AdamW's
+                if group['muon']:
+                    buf = state.setdefault('momentum', torch.zeros_like(p))
+                    buf.mul_(group['momentum']).add_(g)
+                    update = orthogonalize(g.add(buf, alpha=group['momentum']))
+                    p.add_(update, alpha=-lr * group['lr_ratio'] * max(1, p.size(0) / p.size(1)) ** 0.5)
+                else:  # AdamW (Loshchilov & Hutter 2019)
+                    if not state:
+                        state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                    state['step'] += 1
+                    state['m'].lerp_(g, 1 - beta1)
+                    state['v'].lerp_(g.square(), 1 - beta2)
+                    v_hat = state['v'] / (1 - beta2 ** state['step'])
+                    p.addcdiv_(state['m'], v_hat.sqrt_().add_(group['eps']),
+                               value=-lr / (1 - beta1 ** state['step']))
 
 
 def draw(probs):

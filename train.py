@@ -52,6 +52,7 @@ grad_checkpoint = False  # recompute activations in backward: less memory, more 
 learning_rate = 1e-3
 max_iters = 2000
 weight_decay = 0.1
+muon = False             # Muon for the matrices inside the blocks, AdamW for the rest
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0          # clip the gradient norm at this value; 0 = off
@@ -197,7 +198,7 @@ else:
     data_gen.set_state(ckpt['data_rng'])
 model.grad_checkpoint = grad_checkpoint
 model.to(device)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, muon)
 if ckpt is not None:
     optimizer.load_state_dict(ckpt['optimizer'])
     log(f"resuming from iteration {iter_num} (best val loss {best_val_loss:.4f})")
