@@ -37,6 +37,7 @@ skip_generate = False
 grad_checkpoint = False  # recompute activations in backward (less memory, more time)
 dropout = 0.0            # dropout in the timed training step (the configs use 0.1-0.2)
 attn_dropout = 0.0       # dropout on the attention weights: the slow attention kernel on CPUs
+muon = False             # time the training step with Muon for the block matrices (train.py's muon)
 out_dir = 'out'          # the checkpoint scored by --eval_text
 ckpt_name = 'ckpt.pt'
 eval_text = ''           # a TinyStories-format file: report loss, perplexity and bits per byte
@@ -89,8 +90,8 @@ def model_configs():
 
 
 def train_step_time(model, step_model, T):
-    """Median seconds of a full training step (forward, backward, clip, AdamW) after a warm-up."""
-    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(':')[0])
+    """Median seconds of a full training step (forward, backward, clip, AdamW or Muon) after a warm-up."""
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(':')[0], muon)
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=ptdtype)
     x = torch.randint(model.config.vocab_size, (batch_size, T + 1), device=device)
     times = []
@@ -115,6 +116,8 @@ def bench_train(name, model):
     name = f"{name} train b{batch_size} ctx{T}"
     if dropout or attn_dropout:
         name += f" dropout {dropout}/{attn_dropout}"
+    if muon:
+        name += " muon"
     if compile:  # the eager step in the same run, for the ratio
         eager = train_step_time(model, model, T)
         report(f"{name} eager", tokens_per_s=round(tokens / eager, 1), ms_per_iter=round(eager * 1000, 1))

@@ -186,8 +186,9 @@ class GPT(nn.Module):
         """AdamW; weight decay on the matrices (Linears, embedding) only, not on biases or norms.
         muon=True: Muon (below) for the matrices inside the blocks, AdamW for the rest."""
         params = [p for p in self.parameters() if p.requires_grad]
-        hidden = [p for p in self.transformer.h.parameters() if p.dim() == 2 and p.requires_grad] if muon else []
-        groups = [{'params': [p for p in params if p.dim() >= 2 and all(p is not h for h in hidden)],
+        blocks = {id(p) for p in self.transformer.h.parameters()}
+        hidden = [p for p in params if muon and p.dim() == 2 and id(p) in blocks]
+        groups = [{'params': [p for p in params if p.dim() >= 2 and not any(p is h for h in hidden)],
                    'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         if muon:

@@ -84,9 +84,10 @@ def test_every_config_is_accepted_and_builds_its_model(data_dir, tmp_path, confi
     assert all(args[k] == cfg[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size') if k in cfg)
 
 
-def test_resume_is_bit_exact(data_dir, tmp_path):
+@pytest.mark.parametrize('optimizer', [[], ['--muon=True']], ids=['adamw', 'muon'])
+def test_resume_is_bit_exact(data_dir, tmp_path, optimizer):
     full, split = tmp_path / 'full', tmp_path / 'split'
-    args = ['--eval_interval=10', '--lr_decay_iters=30']
+    args = ['--eval_interval=10', '--lr_decay_iters=30', *optimizer]
     train(data_dir, full, '--max_iters=30', *args)
     train(data_dir, split, '--max_iters=10', *args)
     train(data_dir, split, '--max_iters=30', '--init_from=resume', *args)
