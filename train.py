@@ -200,7 +200,11 @@ model.grad_checkpoint = grad_checkpoint
 model.to(device)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, muon)
 if ckpt is not None:
-    optimizer.load_state_dict(ckpt['optimizer'])
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except ValueError:  # other parameter groups: AdamW's state resumed with Muon, or back
+        die(f"the checkpoint's optimizer state does not fit muon={muon}: resume with the muon "
+            f"setting it was trained with ({ckpt['config'].get('muon', False)})")
     log(f"resuming from iteration {iter_num} (best val loss {best_val_loss:.4f})")
 resumed_at = iter_num if ckpt is not None else None
 ckpt = None  # free the memory

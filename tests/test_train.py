@@ -206,6 +206,8 @@ def test_resume_with_larger_block_size_or_other_vocab(data_dir, tmp_path):
     run('prepare.py', f'--source={SHARED / "valid.txt"}', f'--data_dir={other}', '--vocab_size=512')
     one_error_line(train(other, out, '--max_iters=4', '--init_from=resume', ok=False),
                    'not the one the checkpoint was trained with')
+    one_error_line(train(data_dir, out, '--max_iters=4', '--init_from=resume', '--muon=True', ok=False),
+                   'muon=True', 'trained with (False)')
 
 
 def test_disk_full_during_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, capsys):
