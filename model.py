@@ -188,7 +188,8 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         blocks = {id(p) for p in self.transformer.h.parameters()}
         hidden = [p for p in params if muon and p.dim() == 2 and id(p) in blocks]
-        groups = [{'params': [p for p in params if p.dim() >= 2 and not any(p is h for h in hidden)],
+        hidden_ids = {id(p) for p in hidden}
+        groups = [{'params': [p for p in params if p.dim() >= 2 and id(p) not in hidden_ids],
                    'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         if muon:
