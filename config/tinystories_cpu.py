@@ -4,9 +4,8 @@
 # Muon for the matrices inside the blocks (AdamW for the embedding and norms).
 # Measured on a 2-core AMD EPYC (Zen 3) VM, torch 2.13 CPU, fp32:
 #   python prepare.py --source=../shared/tinystories                1 s
-#   python train.py config/tinystories_cpu.py                       70 minutes, on a day this VM slowed:
-#       1.6 s per step for the first 700 steps, then 1.7-2.9 s with nothing else running; at 1.6 s
-#       it is an hour (Muon's step costs ~13 % more than AdamW's 1.4 s)
+#   python train.py config/tinystories_cpu.py                       62 minutes from a fresh clone on an
+#       idle machine, ~1.65 s per step (70 minutes on a day this VM slowed, with the same losses)
 #   python bench.py --eval_text=../shared/tinystories/valid.txt     0.894 bits per byte (ckpt.pt)
 # The 2 MB sample is seen 17 times, so the model memorises it: strong weight decay (1.0) and
 # dropout 0.2 hold that back.
