@@ -28,6 +28,7 @@ models = 'seed002,cpu'   # which models to time: seed002 (8x384, ctx 512, vocab 
 batch_size = 8           # training batch (sequences) and the larger generation batch
 block_size = 0           # training context; 0 = the model's
 train_iters = 5          # timed training iterations (the median is reported) after one warm-up
+rounds = 3               # batch-1 decoding: each side of a ratio measured this many times, alternately
 prompt_tokens = 128      # prefill length
 decode_prompt = 16       # decoding starts from a prompt of this many tokens
 max_new_tokens = 256     # decoded tokens per measurement, with the cache and without
@@ -89,14 +90,13 @@ def model_configs():
     return [(m, out[m]) for m in names]
 
 
-def train_step_time(model, step_model, T):
-    """Median seconds of a full training step (forward, backward, clip, AdamW or Muon) after a warm-up."""
-    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(':')[0], muon)
+def train_step(model, step_model, opt, T):
+    """A function that runs one full training step (forward, backward, clip, optimizer) and
+    returns its seconds."""
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=ptdtype)
     x = torch.randint(model.config.vocab_size, (batch_size, T + 1), device=device)
-    times = []
-    model.train()
-    for i in range(train_iters + 1):  # the first is warm-up (and compilation)
+
+    def step():
         t0 = time.perf_counter()
         with autocast:
             _, loss = step_model(x[:, :-1], x[:, 1:])
@@ -105,24 +105,33 @@ def train_step_time(model, step_model, T):
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+        return time.perf_counter() - t0
+    return step
 
 
 def bench_train(name, model):
     T = block_size or model.config.block_size
     model.grad_checkpoint = grad_checkpoint
+    model.train()
     tokens = batch_size * T
     name = f"{name} train b{batch_size} ctx{T}"
     if dropout or attn_dropout:
         name += f" dropout {dropout}/{attn_dropout}"
     if muon:
         name += " muon"
-    if compile:  # the eager step in the same run, for the ratio
-        eager = train_step_time(model, model, T)
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(':')[0], muon)
+    steps = {'eager': train_step(model, model, opt, T)} if compile else {}  # for the ratio
+    steps['timed'] = train_step(model, torch.compile(model) if compile else model, opt, T)
+    times = {k: [] for k in steps}
+    for _ in range(train_iters + 1):  # the first is warm-up (and compilation)
+        for k, step in steps.items():  # alternately, so that a drifting machine hits both alike
+            times[k].append(step())
+    dt = statistics.median(times['timed'][1:])
+    extra = {}
+    if compile:
+        eager = statistics.median(times['eager'][1:])
         report(f"{name} eager", tokens_per_s=round(tokens / eager, 1), ms_per_iter=round(eager * 1000, 1))
-    dt = train_step_time(model, torch.compile(model) if compile else model, T)
-    extra = {'vs_eager': round(eager / dt, 2)} if compile else {}
+        extra = {'vs_eager': round(eager / dt, 2)}
     report(name + (" grad-ckpt" if grad_checkpoint else "") + (" compiled" if compile else ""),
            tokens_per_s=round(tokens / dt, 1),
            ms_per_iter=round(dt * 1000, 1), mfu=round(model.estimate_mfu(tokens, dt, peak, T), 4), **extra)
@@ -137,6 +146,14 @@ def recompute_generate(model, idx, n):
     return idx
 
 
+def recompute_speed(model, prompt):
+    recompute_generate(model, prompt, 2)  # warm-up
+    t0 = time.perf_counter()
+    recompute_generate(model, prompt, max_new_tokens)
+    sync()
+    return max_new_tokens / (time.perf_counter() - t0)
+
+
 def decode_speed(model, prompt, temperature):
     """Tokens/s of decoding with the KV cache, from the first new token to the last."""
     stamps = []
@@ -147,7 +164,11 @@ def decode_speed(model, prompt, temperature):
 
 
 @torch.no_grad()
-def bench_generate(name, model, plain_speed=None):
+def bench_generate(name, model, plain=None):
+    """Prefill and decode speed at batch 1 and batch_size. At batch 1 the two sides of each ratio
+    (KV cache against recompute; the variant against `plain`, the fp32 model as sample.py runs
+    it) are measured alternately, `rounds` times, and their medians reported: this machine's
+    speed drifts, and alternating makes the drift hit both sides alike."""
     V = model.config.vocab_size
     for B in (1, batch_size):
         prompt = torch.randint(V, (B, prompt_tokens), device=device)
@@ -163,20 +184,26 @@ def bench_generate(name, model, plain_speed=None):
         # decode with the KV cache. Random weights predict nearly uniformly (the nucleus is most
         # of the vocabulary); greedy shows the cost without sampling
         prompt = prompt[:, :decode_prompt]
-        speed = {}
-        for how, temp in (('top-p', 1.0), ('greedy', 0.0)):
-            speed[how] = decode_speed(model, prompt, temp)
-            extra = {'vs_plain_fp32': round(speed[how] / plain_speed[how], 2)} if B == 1 and plain_speed else {}
+        temps = {'top-p': 1.0, 'greedy': 0.0}
+        speeds = {}
+        for _ in range(rounds if B == 1 else 1):
+            for how, temp in temps.items():
+                speeds.setdefault(how, []).append(decode_speed(model, prompt, temp))
+                if B == 1 and plain is not None:
+                    speeds.setdefault('plain ' + how, []).append(decode_speed(plain, prompt, temp))
+            if B == 1:  # the baseline: full recomputation of the context for every token, top-p
+                speeds.setdefault('recompute', []).append(recompute_speed(model, prompt))
+        speed = {k: statistics.median(v) for k, v in speeds.items()}
+        if B == 1 and plain is not None:
+            report(f"{name} decode b1 kv-cache plain fp32",
+                   **{f'{h}_tokens_per_s': round(speed['plain ' + h], 1) for h in temps})
+        for how in temps:
+            extra = {'vs_plain_fp32': round(speed[how] / speed['plain ' + how], 2)} if B == 1 and plain else {}
             report(f"{name} decode b{B} kv-cache {how}", tokens_per_s=round(speed[how], 1),
                    ms_per_token=round(1000 * B / speed[how], 2), **extra)
-        if B == 1:  # the baseline: full recomputation of the context for every token, top-p
-            recompute_generate(model, prompt, 2)
-            t0 = time.perf_counter()
-            recompute_generate(model, prompt, max_new_tokens)
-            sync()
-            base = max_new_tokens / (time.perf_counter() - t0)
-            report(f"{name} decode b1 recompute top-p", tokens_per_s=round(base, 1),
-                   kv_cache_speedup=round(speed['top-p'] / base, 2))
+        if B == 1:
+            report(f"{name} decode b1 recompute top-p", tokens_per_s=round(speed['recompute'], 1),
+                   kv_cache_speedup=round(speed['top-p'] / speed['recompute'], 2))
 
 
 def bench_profile(name, model):
@@ -291,10 +318,7 @@ else:
         plain = None
         if not skip_generate and (quantize != 'none' or ipex or dtype != 'float32'):
             # the fp32 model as sample.py runs it, decoded in the same run: the honest ratio
-            prompt = torch.randint(cfg['vocab_size'], (1, decode_prompt), device=device)
-            fp32 = optimize_for_inference(copy.deepcopy(model))  # it swaps the Linears in place
-            plain = {how: decode_speed(fp32, prompt, temp) for how, temp in (('top-p', 1.0), ('greedy', 0.0))}
-            report(f"{name} decode b1 kv-cache plain fp32", **{f'{h}_tokens_per_s': round(v, 1) for h, v in plain.items()})
+            plain = optimize_for_inference(copy.deepcopy(model))  # it swaps the Linears in place
         if dtype != 'float32':
             model.to(ptdtype)
         gen_model = optimize_for_inference(model, quantize, ipex)
