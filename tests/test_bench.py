@@ -75,4 +75,16 @@ def test_speed_report_has_every_figure():
         assert any(want in n for n in names), (want, names)
     train_row = next(r for r in rows if ' train ' in r['name'])
     assert train_row['tokens_per_s'] > 0 and 0 < train_row['mfu'] < 1 and train_row['peak_rss_mb'] > 0
-    assert next(r for r in rows if 'recompute' in r['name'])['kv_cache_speedup'] > 0
+    kv = next(r for r in rows if 'decode b1 kv-cache top-p' in r['name'])
+    base = next(r for r in rows if 'recompute' in r['name'])
+    # the ratio is of the reported medians (each rounded to 0.1 tok/s)
+    assert abs(base['kv_cache_speedup'] - kv['tokens_per_s'] / base['tokens_per_s']) < 0.01 + 0.1 / base['tokens_per_s']
+
+
+def test_int8_report_has_the_fp32_ratio():
+    rows = bench_json('--models=cpu', '--skip_train=True', '--quantize=int8', '--max_new_tokens=8',
+                      '--prompt_tokens=16', '--decode_prompt=4', '--batch_size=2', '--rounds=2')
+    plain = next(r for r in rows if 'plain fp32' in r['name'])
+    for how in ('top-p', 'greedy'):
+        q = next(r for r in rows if r['name'].endswith(f'decode b1 kv-cache {how}'))
+        assert abs(q['vs_plain_fp32'] - q['tokens_per_s'] / plain[f'{how}_tokens_per_s']) < 0.01
