@@ -59,6 +59,8 @@ configure(globals())
 # -----------------------------------------------------------------------------
 if quantize not in ('none', 'int8'):
     die(f"bad value quantize={quantize!r}: use 'none' or 'int8'")
+if rounds < 1:
+    die(f"bad value rounds={rounds}: use 1 or more")
 if threads:
     torch.set_num_threads(threads)
 device = pick_device(device)
@@ -198,7 +200,7 @@ def bench_generate(name, model, plain=None):
             report(f"{name} decode b1 kv-cache plain fp32",
                    **{f'{h}_tokens_per_s': round(speed['plain ' + h], 1) for h in temps})
         for how in temps:
-            extra = {'vs_plain_fp32': round(speed[how] / speed['plain ' + how], 2)} if B == 1 and plain else {}
+            extra = {'vs_plain_fp32': round(speed[how] / speed['plain ' + how], 2)} if B == 1 and plain is not None else {}
             report(f"{name} decode b{B} kv-cache {how}", tokens_per_s=round(speed[how], 1),
                    ms_per_token=round(1000 * B / speed[how], 2), **extra)
         if B == 1:

@@ -88,3 +88,8 @@ def test_int8_report_has_the_fp32_ratio():
     for how in ('top-p', 'greedy'):
         q = next(r for r in rows if r['name'].endswith(f'decode b1 kv-cache {how}'))
         assert abs(q['vs_plain_fp32'] - q['tokens_per_s'] / plain[f'{how}_tokens_per_s']) < 0.01
+
+
+def test_bad_rounds_is_one_clear_line():
+    p = run('bench.py', '--rounds=0', ok=False)
+    assert p.returncode == 1 and p.stderr.count('\n') == 1 and 'rounds=0' in p.stderr
