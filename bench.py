@@ -3,24 +3,21 @@ Measure speed and quality honestly, on this machine.
 
 $ python bench.py                          # training and generation speed, seed-002 and CPU models
 $ python bench.py --quantize=int8          # the same with a variant: --ipex, --compile, --dtype
-$ python bench.py --eval_text=../shared/tinystories/valid.txt --out_dir=out   # bits per byte
+$ python bench.py --eval_text=stories.txt --out_dir=out   # bits per byte: eval.py --text=stories.txt
 $ python bench.py --json=True              # one JSON object per result, after the text
 """
 import copy
 import json
-import math
 import os
-import resource
 import statistics
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
-from torch.nn import functional as F
 
-from common import configure, die, pick_device, pick_dtype, peak_flops, load_checkpoint, \
-    model_from_checkpoint, optimize_for_inference
+from common import configure, die, pick_device, pick_dtype, peak_flops, peak_rss_mb, sync, \
+    load_checkpoint, model_from_checkpoint, optimize_for_inference
 from model import GPT, GPTConfig, sample
 
 # -----------------------------------------------------------------------------
@@ -63,21 +60,16 @@ if rounds < 1:
     die(f"bad value rounds={rounds}: use 1 or more")
 if threads:
     torch.set_num_threads(threads)
-device = pick_device(device)
+device = pick_device(device, quantize)
 dtype = pick_dtype(dtype, device)
 ptdtype = getattr(torch, dtype)
 results = []
 
 
 def report(name, **fields):
-    fields['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    fields['peak_rss_mb'] = round(peak_rss_mb(), 1)
     results.append({'name': name, **fields})
     print(f"{name:<34} " + "  ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
-
-
-def sync():
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
 
 
 def model_configs():
@@ -106,7 +98,7 @@ def train_step(model, step_model, opt, T):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync()
+        sync(device)
         return time.perf_counter() - t0
     return step
 
@@ -152,7 +144,7 @@ def recompute_speed(model, prompt):
     recompute_generate(model, prompt, 2)  # warm-up
     t0 = time.perf_counter()
     recompute_generate(model, prompt, max_new_tokens)
-    sync()
+    sync(device)
     return max_new_tokens / (time.perf_counter() - t0)
 
 
@@ -160,7 +152,7 @@ def decode_speed(model, prompt, temperature):
     """Tokens/s of decoding with the KV cache, from the first new token to the last."""
     stamps = []
     for _ in model.stream(prompt, max_new_tokens, temperature, None, top_p):
-        sync()
+        sync(device)
         stamps.append(time.perf_counter())
     return prompt.size(0) * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
@@ -179,7 +171,7 @@ def bench_generate(name, model, plain=None):
         for _ in range(3):
             t0 = time.perf_counter()
             next(model.stream(prompt, 1, 1.0, None, top_p))
-            sync()
+            sync(device)
             times.append(time.perf_counter() - t0)
         report(f"{name} prefill b{B} {prompt_tokens} tok",
                tokens_per_s=round(B * prompt_tokens / min(times), 1))
@@ -221,54 +213,22 @@ def bench_profile(name, model):
     print(p.key_averages().table(sort_by='self_cpu_time_total', row_limit=12))
 
 
-@torch.no_grad()
 def evaluate(path):
-    """Loss, perplexity and bits per byte of the checkpoint on the stories of `path`, each scored
-    on its own from its begin-of-story token; a story longer than the context is scored with a
-    sliding window of stride block_size/2, every token once; the end-of-story token is not."""
-    import sentencepiece as spm
-    from prepare import read_stories
+    """eval.py's protocol on a text file (eval.py --text=path), kept here as --eval_text."""
+    from eval import score, text_stories
     ckpt_path = os.path.join(out_dir, ckpt_name)
     ckpt = load_checkpoint(ckpt_path, device)
     model = model_from_checkpoint(ckpt, ckpt_path).to(device).eval()
-    model = optimize_for_inference(model, quantize, ipex)
-    sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
+    if quantize == 'int8':
+        model = optimize_for_inference(model, quantize)
     try:
-        stories = read_stories(path)
+        stories, n_bytes = text_stories(path, ckpt['tokenizer'])
     except (ValueError, OSError) as e:
         die(str(e))
-    if not stories:
-        die(f"{path} holds no stories")
-    T, stride = model.config.block_size, model.config.block_size // 2
-    pieces = []  # (input ids, targets with -100 where not scored)
-    n_bytes = 0
-    for story in stories:
-        ids = [sp.bos_id()] + sp.encode(story)
-        n_bytes += len(story.encode('utf-8'))
-        scored = 1  # the next target index to score (ids[0], the BOS, is never a target)
-        start = 0
-        while scored < len(ids):
-            window = ids[start:start + T + 1]
-            tgt = [t if start + 1 + j >= scored else -100 for j, t in enumerate(window[1:])]
-            pieces.append((window[:-1], tgt))
-            scored = start + len(window)
-            start += stride
-    total, count = 0.0, 0
     t0 = time.perf_counter()
-    for i in range(0, len(pieces), eval_batch):
-        batch = pieces[i:i + eval_batch]
-        L = max(len(x) for x, _ in batch)
-        x = torch.tensor([x + [0] * (L - len(x)) for x, _ in batch], device=device)
-        y = torch.tensor([y + [-100] * (L - len(y)) for _, y in batch], device=device)
-        logits, _ = model(x, y)  # padding sits after the real tokens: causality keeps it out
-        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                 ignore_index=-100, reduction='sum').item()
-        count += (y != -100).sum().item()
-    loss = total / count
+    r = score(model, stories, n_bytes, eval_batch)
     report(f"eval {os.path.basename(path)}" + (f" {quantize}" if quantize != 'none' else ''),
-           loss=round(loss, 4), ppl=round(math.exp(loss), 3),
-           bpb=round(total / math.log(2) / n_bytes, 4), tokens=count, bytes=n_bytes,
-           stories=len(stories), seconds=round(time.perf_counter() - t0, 1))
+           **r, seconds=round(time.perf_counter() - t0, 1))
 
 
 def plot_log(path):

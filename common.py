@@ -15,8 +15,10 @@ import time
 
 
 def die(msg):
-    """Stop with one clear line on stderr, no traceback, exit status 1."""
-    print(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {msg}", file=sys.stderr)
+    """Stop with one clear line on stderr, no traceback, exit status 1. Under torchrun only
+    rank 0 prints it: one line, not one per process."""
+    if os.environ.get('RANK', '0') == '0':
+        print(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {msg}", file=sys.stderr)
     sys.exit(1)
 
 
@@ -25,7 +27,12 @@ def first_line(e, n=160):
     return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:n]
 
 
-def parse_value(text):
+def parse_value(text, old):
+    """The value of a command-line setting whose default is `old`. A text setting takes the text
+    as given (--start 1e3 is the text '1e3', --start none the text 'none'); others parse as a
+    Python literal, with true/false/none in any case."""
+    if isinstance(old, str):
+        return text
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -33,19 +40,21 @@ def parse_value(text):
 
 
 def checked(key, old, value, where):
-    """`value` converted to the type of the default `old`, or a clear error."""
-    if old is None or value is None or type(value) is type(old):
+    """`value` converted to the type of the default `old`, or a clear error. None is a value
+    only where the default is None."""
+    if old is None or type(value) is type(old):
         return value
     if isinstance(old, float) and type(value) is int:
         return float(value)  # --learning_rate=1 means 1.0
     if isinstance(old, str) and type(value) in (int, float):
-        return str(value)    # --start=42 is the text "42"
+        return str(value)    # start = 42 in a config file is the text "42"
     die(f"setting '{key}' ({where}) must be of type {type(old).__name__} (like {old!r}), got {value!r}")
 
 
-def configure(g, argv=None):
+def configure(g, argv=None, given=None):
     """Override the settings in the module globals `g` from argv (default sys.argv[1:]).
-    Returns {name: value} of all settings, to be saved with a checkpoint."""
+    Returns {name: value} of all settings, to be saved with a checkpoint; the names set by a
+    config file or a flag are added to the set `given`, if one is passed."""
     argv = sys.argv[1:] if argv is None else list(argv)
     keys = [k for k, v in g.items()  # UPPER_CASE names are constants, not settings
             if not k.startswith('_') and not k.isupper()
@@ -62,6 +71,8 @@ def configure(g, argv=None):
             hint = f"did you mean {' or '.join(near[:3])}? " if near else ""
             die(f"unknown setting '{key}' ({where}); {hint}known: {', '.join(keys)}")
         g[key] = checked(key, g[key], value, where)
+        if given is not None:
+            given.add(key)
 
     while argv:
         arg = argv.pop(0)
@@ -81,21 +92,29 @@ def configure(g, argv=None):
         key, eq, text = arg[2:].partition('=')  # only the first '=': values may contain '='
         key = key.replace('-', '_')
         if not eq:
-            if argv and not argv[0].startswith('--'):
+            if isinstance(g.get(key), bool):  # a bare --flag is True; it takes no config file
+                bool_word = argv and argv[0].lower() in ('true', 'false')
+                text = argv.pop(0) if bool_word else 'True'
+            elif argv and not argv[0].startswith('--'):
                 text = argv.pop(0)
-            elif isinstance(g.get(key), bool):
-                text = 'True'
             elif key in keys:
                 die(f"setting '{key}' needs a value: --{key}=VALUE")
-        assign(key, parse_value(text), f"--{key}")
+        assign(key, parse_value(text, g.get(key)), f"--{key}")
     return {k: g[k] for k in keys}
 
 
 # ------------------------------------------------------------------------------ devices
 
-def pick_device(device):
-    """'auto' is the best device present: cuda, then xpu (Intel GPUs), then mps, then cpu."""
+def pick_device(device, quantize='none'):
+    """'auto' is the best device present: cuda, then xpu (Intel GPUs), then mps, then cpu.
+    quantize='int8' (PyTorch's dynamic int8 kernels, CPU only) makes 'auto' the CPU."""
     import torch
+    if quantize == 'int8':
+        if device == 'auto':
+            return 'cpu'
+        if device.split(':')[0] != 'cpu':
+            die(f"quantize=int8 runs on the CPU only (PyTorch's dynamic int8 kernels): "
+                f"use --device=cpu, or --quantize=none on {device}")
     if device == 'auto':
         for d in ('cuda', 'xpu', 'mps'):
             if getattr(torch, d, None) is not None and torch.__dict__[d].is_available():
@@ -120,6 +139,25 @@ def pick_dtype(dtype, device):
     return dtype
 
 
+def sync(device):
+    """Wait for the device's queued work: GPU timings must not measure the queue."""
+    import torch
+    kind = device.split(':')[0]
+    if kind in ('cuda', 'xpu', 'mps'):
+        getattr(torch, kind).synchronize()
+
+
+def peak_rss_mb():
+    """The most memory this process has held (MB): ru_maxrss is KiB on Linux and bytes on macOS;
+    Windows has no resource module, and psutil gives its peak working set."""
+    if sys.platform == 'win32':
+        import psutil  # pip install psutil
+        return psutil.Process().memory_info().peak_wset / 2**20
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == 'darwin' else rss / 2**10
+
+
 def peak_flops(device='cpu', dtype='float32', n=1024, seconds=0.5):
     """The measured matmul throughput of this device (FLOP/s): the honest peak for MFU."""
     import torch
@@ -127,15 +165,14 @@ def peak_flops(device='cpu', dtype='float32', n=1024, seconds=0.5):
     gen = torch.Generator(device).manual_seed(0)  # leaves the global RNG (dropout's) untouched
     a = torch.randn(n, n, device=device, dtype=dt, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dt, generator=gen)
-    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     a @ b
-    sync()
+    sync(device)
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         for _ in range(4):
             a @ b
-        sync()
+        sync(device)
         best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
     return best
 
@@ -144,7 +181,8 @@ def peak_flops(device='cpu', dtype='float32', n=1024, seconds=0.5):
 
 def save_checkpoint(obj, path):
     """Write atomically: a temporary file, flushed to disk, then renamed over the old one,
-    so a crash at any moment leaves either the old or the new checkpoint, never half of one."""
+    so a crash at any moment leaves either the old or the new checkpoint, never half of one.
+    A failed write (a full disk) raises OSError with a message to show; the old file stays."""
     import torch
     tmp = f"{path}.tmp"
     try:
@@ -156,8 +194,8 @@ def save_checkpoint(obj, path):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        die(f"could not write checkpoint {path} ({e.strerror or e}); the previous one is kept: "
-            f"free disk space or choose another --out_dir")
+        raise OSError(f"could not write checkpoint {path} ({e.strerror or e}); the previous one "
+                      f"is kept: free disk space or choose another --out_dir") from None
 
 
 def load_checkpoint(path, device='cpu'):

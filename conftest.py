@@ -1,5 +1,5 @@
-"""Shared test fixtures. Tests run from the project root; the data is ../shared/tinystories."""
-import os
+"""Shared test fixtures. Tests run from the project root on the slice of real TinyStories in
+tests/data (nothing outside the repository)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent
-SHARED = ROOT.parent / 'shared' / 'tinystories'
+STORIES = ROOT / 'tests' / 'data'  # train.txt (250 stories), valid.txt (80)
 
 
 def run(script, *args, ok=True, **kw):
@@ -34,10 +34,7 @@ def stories_slice(path, n):
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-    """A slice of the shared TinyStories prepared with a 512-token BPE, once per test session."""
-    src = tmp_path_factory.mktemp('src')
-    (src / 'train.txt').write_text(stories_slice(SHARED / 'train.txt', 400), encoding='utf-8')
-    (src / 'valid.txt').write_text(stories_slice(SHARED / 'valid.txt', 60), encoding='utf-8')
+    """The test slice prepared with a 512-token BPE, once per test session."""
     out = tmp_path_factory.mktemp('data')
-    run('prepare.py', f'--source={src}', f'--data_dir={out}', '--vocab_size=512')
+    run('prepare.py', f'--source={STORIES}', f'--data_dir={out}', '--vocab_size=512')
     return out

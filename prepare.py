@@ -5,9 +5,13 @@ Prepare TinyStories for training: train a SentencePiece tokenizer and write the 
     python prepare.py --source=../shared/tinystories
 
 Output, in data_dir/tok{vocab_size} (or char{vocab_size}), so several sizes live side by side:
-tokenizer.model, train.bin and val.bin (numpy uint16 ids, each story as BOS + ids + EOS),
-and meta.json, written last: it is the marker that the directory is complete.
-train.py, sample.py and bench.py import the helpers below (tok_dir, load_meta, read_stories).
+tokenizer.model, train.bin, val.bin and test.bin (numpy uint16 ids, each story as BOS + ids +
+EOS), and meta.json, written last: it is the marker that the directory is complete.
+
+The validation stories are split in two: the 1st, 3rd, 5th... are `val` (what train.py
+evaluates, keeps the best checkpoint by and stops early on), the 2nd, 4th, 6th... are `test`,
+held out: nothing is chosen on it, so a figure on it is an honest estimate for unseen stories.
+train.py, sample.py, eval.py and bench.py import the helpers below (tok_dir, load_meta, ...).
 """
 import itertools
 import json
@@ -33,6 +37,7 @@ val_fraction = 0.01     # share of train carved off as validation when the sourc
 EXTENSIONS = ('.txt', '.json', '.jsonl', '.parquet')
 SEPARATOR = '<|endoftext|>'
 CHUNK = 1000  # stories per task sent to a tokenizing process
+SPLITS = ('train', 'val', 'test')
 
 
 def tok_dir(data_dir, vocab_size, tokenizer='bpe'):
@@ -47,7 +52,7 @@ def load_meta(dir):
     try:
         with open(os.path.join(dir, 'meta.json')) as f:
             meta = json.load(f)
-        for split in ('train', 'val'):
+        for split in SPLITS:
             if os.path.getsize(os.path.join(dir, f'{split}.bin')) != 2 * meta[f'{split}_tokens']:
                 raise ValueError
         if not os.path.isfile(os.path.join(dir, meta['tokenizer_model'])):
@@ -152,15 +157,25 @@ def find_splits(source, val_fraction=0.01):
         raise ValueError(f"no stories found in {source}")
     note = None
     if not val:
-        if len(train) < 2:
-            raise ValueError(f"{source}: need at least 2 stories to carve a validation split")
-        n = max(1, int(len(train) * val_fraction))
+        if len(train) < 3:
+            raise ValueError(f"{source}: need at least 3 stories to carve validation and test "
+                             "splits")
+        n = max(2, int(len(train) * val_fraction))
         train, val = train[:-n], train[-n:]
         note = (f"{source} has no validation split: using the last {n:,} of "
-                f"{len(train) + n:,} training stories as validation (val_fraction={val_fraction})")
+                f"{len(train) + n:,} training stories as validation and test "
+                f"(val_fraction={val_fraction})")
     if not train:
         raise ValueError(f"no training stories in {source} (file names containing 'train')")
+    if len(val) < 2:
+        raise ValueError(f"{source}: need at least 2 validation stories (one for val, one for "
+                         f"test), found {len(val)}")
     return train, val, note
+
+
+def split_val_test(stories):
+    """Validation stories alternate between val (1st, 3rd, ...) and the held-out test (2nd, ...)."""
+    return stories[0::2], stories[1::2]
 
 
 def load_hub(name):
@@ -300,8 +315,9 @@ def main():
     train, val, note = find_splits(source, val_fraction)
     if note:
         print(note)
-    print(f"{len(train):,} training and {len(val):,} validation stories from {source} "
-          f"({time.time() - t0:.1f}s)")
+    val, test = split_val_test(val)
+    print(f"{len(train):,} training, {len(val):,} validation and {len(test):,} test stories "
+          f"from {source} ({time.time() - t0:.1f}s)")
     d = tok_dir(data_dir, vocab_size, tokenizer)
     os.makedirs(d, exist_ok=True)
     # Everything is built under 'new.' names first, so a complete directory from an earlier run
@@ -313,7 +329,7 @@ def main():
     print(f"trained a {tokenizer} tokenizer of {sp.get_piece_size()} ids on "
           f"{min(vocab_sample, len(train)):,} stories ({time.time() - t:.1f}s)")
     counts = {}
-    for split, stories in (('train', train), ('val', val)):
+    for split, stories in zip(SPLITS, (train, val, test)):
         t = time.time()
         tokens, nbytes = write_bin(stories, model, new(f'{split}.bin'), procs)
         counts.update({f'{split}_tokens': tokens, f'{split}_bytes': nbytes,
@@ -323,7 +339,7 @@ def main():
               f"({dt:.1f}s, {nbytes / 1e6 / dt:.1f} MB/s)")
     if os.path.exists(os.path.join(d, 'meta.json')):
         os.remove(os.path.join(d, 'meta.json'))  # the old set is incomplete from here on
-    for name in ('tokenizer.model', 'tokenizer.vocab', 'train.bin', 'val.bin'):
+    for name in ('tokenizer.model', 'tokenizer.vocab') + tuple(f'{s}.bin' for s in SPLITS):
         os.replace(new(name), os.path.join(d, name))
     # vocab_size is the size asked for (the model's embedding); a char tokenizer may use fewer
     # ids (tokenizer_pieces), all below it.
@@ -331,7 +347,7 @@ def main():
                 tokenizer_pieces=sp.get_piece_size(), bos_id=sp.bos_id(), eos_id=sp.eos_id(),
                 **counts, source=source, dtype='uint16')
     write_json(meta, os.path.join(d, 'meta.json'))
-    for name in ('tokenizer.model', 'train.bin', 'val.bin', 'meta.json'):
+    for name in ('tokenizer.model',) + tuple(f'{s}.bin' for s in SPLITS) + ('meta.json',):
         print(f"wrote {os.path.join(d, name)}")
     print(f"done in {time.time() - t0:.1f}s")
 

@@ -56,7 +56,7 @@ if start.startswith('FILE:'):
 if threads:
     torch.set_num_threads(threads)
 torch.manual_seed(seed)
-device = pick_device(device)
+device = pick_device(device, quantize)
 dtype = pick_dtype(dtype, device)
 ckpt_path = os.path.join(out_dir, ckpt_name)
 ckpt = load_checkpoint(ckpt_path)

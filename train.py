@@ -6,6 +6,8 @@ $ python train.py config/tinystories_cpu.py
 Several processes or GPUs on one machine (DDP; nccl on CUDA, gloo on the CPU):
 $ torchrun --standalone --nproc_per_node=4 train.py config/tinystories_25m.py
 Several machines: the same with --nnodes, --node_rank and --rdzv_endpoint (see README.md).
+Continue a run (its settings come from the checkpoint; flags given here override them):
+$ python train.py --init_from=resume --max_iters=3000
 """
 import csv
 import math
@@ -30,7 +32,7 @@ out_dir = 'out'
 eval_interval = 250      # evaluate, log to CSV and checkpoint every this many iterations
 log_interval = 10
 eval_iters = 40          # batches per evaluation (the same batches every time)
-init_from = 'scratch'    # 'scratch' or 'resume' (from out_dir/last.pt)
+init_from = 'scratch'    # 'scratch', or 'resume' (out_dir/last.pt, with the settings it was run with)
 patience = 0             # stop after this many evaluations without a better val loss; 0 = never
 # data (made by prepare.py)
 data_dir = 'data'
@@ -38,7 +40,7 @@ vocab_size = 4096
 tokenizer = 'bpe'
 batch_size = 16          # sequences per micro-step (per process under DDP)
 block_size = 256
-gradient_accumulation_steps = 1  # micro-steps per optimizer step, in total over all processes
+gradient_accumulation_steps = 1  # a step is batch_size x this many sequences, however many processes
 # model
 n_layer = 4
 n_head = 4
@@ -67,10 +69,30 @@ ipex = False             # intel_extension_for_pytorch.optimize (needs a torch t
 threads = 0              # CPU threads for torch; 0 = PyTorch's default (the physical cores)
 seed = 1337
 # -----------------------------------------------------------------------------
-config = configure(globals())
+given = set()  # the settings set on the command line (a config file or a flag)
+config = configure(globals(), given=given)
 # -----------------------------------------------------------------------------
 
+from eval import score, split_stories  # noqa: E402
 from prepare import load_meta, tok_dir  # noqa: E402
+
+# A resumed run continues the run it resumes: the checkpoint's settings are the base, and what
+# the command line sets overrides them.
+ckpt = None
+if init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, 'last.pt')
+    ckpt = load_checkpoint(ckpt_path if os.path.exists(ckpt_path) else os.path.join(out_dir, 'ckpt.pt'))
+    for k, v in ckpt['config'].items():
+        if k in config and k not in given | {'init_from', 'out_dir'}:
+            config[k] = globals()[k] = v
+    shape = ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'pos_emb')
+    for k in sorted(given - {'init_from', 'out_dir'}):
+        was = ckpt['config'].get(k)
+        if k in shape and config[k] != ckpt['model_args'][k]:
+            die(f"{k}={config[k]!r} does not fit the checkpoint's model ({k}={ckpt['model_args'][k]!r}): "
+                f"the shape of a resumed model cannot change")
+        if k in ckpt['config'] and config[k] != was and int(os.environ.get('RANK', 0)) == 0:
+            print(f"resume: {k} = {config[k]!r} (the run had {was!r})")
 
 for key, ok, need in [
         ('batch_size', batch_size > 0, '> 0'), ('block_size', block_size > 0, '> 0'),
@@ -97,13 +119,17 @@ if ddp:
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    if gradient_accumulation_steps % world_size:
-        die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of "
-            f"the {world_size} processes")
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
-accum = gradient_accumulation_steps // world_size  # micro-steps per optimizer step, per process
+# The N processes share a step's batch_size x gradient_accumulation_steps sequences, so a step
+# is the same with 1 process or N: each does `accum` micro-steps of `micro` sequences.
+g = math.gcd(gradient_accumulation_steps, world_size)
+accum, micro = gradient_accumulation_steps // g, batch_size * g // world_size
+if micro * world_size != batch_size * g:
+    die(f"a step of batch_size x gradient_accumulation_steps = {batch_size} x "
+        f"{gradient_accumulation_steps} sequences does not split evenly over {world_size} "
+        f"processes: make batch_size or gradient_accumulation_steps a multiple of {world_size // g}")
 dtype = pick_dtype(dtype, device)
 device_type = device.split(':')[0]
 if threads:
@@ -114,15 +140,14 @@ autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, 
 log = print if master else (lambda *a, **k: None)
 
 # ---------------------------------------------------------------------------- resume or start
-ckpt = None
 if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'last.pt')):
     die(f"{out_dir} already holds a training run: continue it with --init_from=resume, or "
         f"choose another --out_dir (nothing was overwritten)")
-if init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, 'last.pt')
-    ckpt = load_checkpoint(ckpt_path if os.path.exists(ckpt_path) else os.path.join(out_dir, 'ckpt.pt'))
-    for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'pos_emb'):
-        config[k] = globals()[k] = ckpt['model_args'][k]  # the checkpoint's shape wins
+if ckpt is not None:
+    if ckpt['iter_num'] >= max_iters:
+        log(f"{out_dir} is already at iteration {ckpt['iter_num']} of max_iters={max_iters}: "
+            f"nothing to train; continue with a larger --max_iters (and --lr_decay_iters)")
+        sys.exit(0)
     if block_size > ckpt['model_args']['block_size']:
         die(f"block_size={block_size} is larger than the checkpoint's "
             f"{ckpt['model_args']['block_size']}: resume with --block_size="
@@ -186,6 +211,7 @@ if ckpt is None:
     model = GPT(GPTConfig(**model_args))
     iter_num, best_val_loss, bad_evals = 0, float('inf'), 0
 else:
+    ckpt['model_args'].update(dropout=dropout, attn_dropout=attn_dropout)  # these may change
     model = model_from_checkpoint(ckpt, ckpt_path)
     if block_size < model.config.block_size:  # train on shorter sequences: crop the RoPE tables
         model.config.block_size = block_size
@@ -270,11 +296,36 @@ if master:
     with open(csv_path, 'w', newline='') as f:
         csv.writer(f).writerows([['iter', 'train_loss', 'val_loss', 'val_bpb', 'lr', 'time_s']] + rows)
 
-stop = []  # Ctrl-C: finish the step, save, exit
+# Every reason to stop is agreed by all processes, once per step (the largest code wins), so
+# under DDP they stop at the same iteration and none is left waiting in an all-reduce.
+GO, EARLY_STOP, INTERRUPTED, SAVE_FAILED, NOT_FINITE = range(5)
+
+
+def agree(code):
+    if ddp:
+        t = torch.tensor([code], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        code = int(t.item())
+    return code
+
+
+def end(status=0, error=None):
+    """Leave every process with the same exit status; rank 0 says why (one line)."""
+    if ddp:
+        dist.destroy_process_group()
+    if error and master:
+        die(error)
+    sys.exit(status)
+
+
+stop = []  # Ctrl-C or SIGTERM: stop after this step, save, exit; a second Ctrl-C exits at once
 signal.signal(signal.SIGINT, lambda *_: stop.append(True) if not stop else sys.exit(130))
+signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
 model.train()
 t_start = t0 = time.time()
 iters_timed = 0
+save_error = None
+early = False
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -288,29 +339,24 @@ while True:
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
         bad_evals = 0 if improved else bad_evals + 1
+        early = bool(patience) and bad_evals >= patience
         if master:
             state = checkpoint_state()
             with open(csv_path, 'a', newline='') as f:
                 csv.writer(f).writerow([iter_num, f"{losses['train']:.5f}", f"{losses['val']:.5f}",
                                         f"{bpb:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
-            if improved:
-                save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
-            save_checkpoint(state, os.path.join(out_dir, 'last.pt'))
-        if patience and bad_evals >= patience:
-            log(f"early stop: no better val loss in {patience} evaluations (best {best_val_loss:.4f})")
-            break
-    elif stop:
-        if master:
-            save_checkpoint(checkpoint_state(), os.path.join(out_dir, 'last.pt'))
-    if stop:
-        log(f"interrupted: saved {out_dir}/last.pt at iteration {iter_num}; "
-            f"continue with --init_from=resume")
-        break
+            try:
+                if improved:
+                    save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
+                save_checkpoint(state, os.path.join(out_dir, 'last.pt'))
+            except OSError as e:
+                save_error = str(e)
     if iter_num >= max_iters:
         break
 
-    # one optimizer step: accum micro-steps on this process's slices of the step's batch
-    ix = torch.randint(n_tokens('train') - block_size - 1, (accum, world_size, batch_size), generator=data_gen)
+    # one optimizer step: accum micro-steps on this process's share of the step's sequences
+    ix = torch.randint(n_tokens('train') - block_size - 1, (accum, world_size, micro), generator=data_gen)
+    finite = True
     for micro_step in range(accum):
         if ddp:  # all-reduce the gradients only on the last micro-step
             model.require_backward_grad_sync = micro_step == accum - 1
@@ -319,19 +365,36 @@ while True:
             with autocast:
                 _, loss = model(X, Y)
         except torch._dynamo.exc.BackendCompilerFailed as e:  # compile=True: inductor needs a C++ compiler
-            die(f"torch.compile failed ({first_line(e)}): install a C++ compiler (g++) or use --compile=False")
-        if not torch.isfinite(loss):
-            die(f"loss is {loss.item()} at iteration {iter_num}: stopped; the last good checkpoint "
-                f"{out_dir}/last.pt is kept (try a lower learning_rate, or dtype=bfloat16/float32)")
+            end(1, f"torch.compile failed ({first_line(e)}): install a C++ compiler (g++) or use --compile=False")
+        finite &= bool(torch.isfinite(loss))
         scaler.scale(loss / accum).backward()
+    status = agree(max(NOT_FINITE * (not finite), SAVE_FAILED * bool(save_error),
+                       INTERRUPTED * bool(stop), EARLY_STOP * early))
+    if status == NOT_FINITE:  # before the step: the weights in memory stay finite
+        end(1, f"the loss is not finite at iteration {iter_num}: stopped; the last good checkpoint "
+               f"{out_dir}/last.pt is kept (try a lower learning_rate, or dtype=bfloat16/float32)")
+    if status == SAVE_FAILED:
+        end(1, save_error or "rank 0 could not write its checkpoint")
+    if status == EARLY_STOP:
+        log(f"early stop: no better val loss in {patience} evaluations (best {best_val_loss:.4f})")
+        break
     if grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-
     iter_num += 1
+
+    if status == INTERRUPTED:
+        if master:
+            try:
+                save_checkpoint(checkpoint_state(), os.path.join(out_dir, 'last.pt'))
+            except OSError as e:
+                end(1, str(e))
+        log(f"interrupted: saved {out_dir}/last.pt at iteration {iter_num}; "
+            f"continue with --init_from=resume")
+        end(0)
     iters_timed += 1
     if iter_num % log_interval == 0 and master:
         dt = (time.time() - t0) / iters_timed
@@ -342,5 +405,17 @@ while True:
         log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
             f"{tokens / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {int(eta // 60)}m{int(eta % 60):02d}s")
 
-if ddp:
-    dist.destroy_process_group()
+# ---------------------------------------------------------------------------- the result
+if agree(SAVE_FAILED * bool(save_error)):  # the last evaluation's checkpoint was not written
+    end(1, save_error or "rank 0 could not write its checkpoint")
+if master:  # the best checkpoint by the evaluation protocol, on val and on the held-out test
+    wall = time.time() - t_start
+    best_path = os.path.join(out_dir, 'ckpt.pt')
+    best = load_checkpoint(best_path, device)
+    best_model = model_from_checkpoint(best, best_path).to(device)
+    scores = {s: score(best_model, *split_stories(data_path, s, tokenizer_proto), batch_size,
+                       desc=f'protocol: {s}') for s in ('val', 'test')}
+    log(f"done: best iteration {best['iter_num']}, val {scores['val']['bpb']:.4f} bits/byte, "
+        f"test {scores['test']['bpb']:.4f} bits/byte (eval.py protocol), "
+        f"{wall / 60:.1f} min, {best_path}")
+end(0)

@@ -1,6 +1,5 @@
 """The settings system (common.configure) and the checkpoint helpers."""
 import os
-import pickle
 import random
 
 import pytest
@@ -27,6 +26,39 @@ def test_int_for_float_space_form_and_bare_boolean_flag():
     assert g['learning_rate'] == 1.0 and isinstance(g['learning_rate'], float)
     assert g['compile'] is True and g['start'] == 'Once upon' and g['batch_size'] == 4
     configure(g, ['--compile=false'])
+    assert g['compile'] is False
+
+
+def test_text_settings_take_their_text_as_given():
+    g = settings()
+    for text in ('none', 'None', '1e3', 'True', '[1, 2]', "'quoted'", '42'):
+        configure(g, ['--start', text])
+        assert g['start'] == text
+        configure(g, [f'--start={text}'])
+        assert g['start'] == text
+
+
+def test_none_only_where_the_default_is_none(capsys):
+    g = settings()
+    configure(g, ['--top_k=None'])
+    assert g['top_k'] is None
+    configure(g, ['--top_k=none'])
+    assert g['top_k'] is None
+    for argv in (['--batch_size=None'], ['--learning_rate=none'], ['--compile=None']):
+        with pytest.raises(SystemExit):
+            configure(settings(), argv)
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and 'must be of type' in err and 'None' in err, err
+
+
+def test_a_bare_flag_never_takes_a_config_file(tmp_path):
+    f = tmp_path / 'c.py'
+    f.write_text("batch_size = 64\n")
+    g = settings()
+    given = set()
+    configure(g, ['--compile', str(f)], given=given)
+    assert g['compile'] is True and g['batch_size'] == 64 and given == {'compile', 'batch_size'}
+    configure(g, ['--compile', 'false', str(f)])
     assert g['compile'] is False
 
 

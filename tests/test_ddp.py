@@ -1,26 +1,42 @@
-"""DDP through torchrun on the CPU (gloo): 2 processes x batch B train exactly like 1 process
-that accumulates gradients over 2 micro-batches of B, when both see the same batches."""
+"""DDP through torchrun on the CPU (gloo): N processes share a step's sequences, so they train
+exactly like 1 process with the same settings; every stop (Ctrl-C, SIGTERM, a non-finite loss,
+a failed checkpoint write) is agreed, so all processes stop at the same iteration."""
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT
 from test_train import TINY
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(data_dir, tmp_path):
+def torchrun(*args, script='train.py', env=None, **kw):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           script, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.mark.parametrize('accum', [1, 2])
+def test_two_processes_equal_one(data_dir, tmp_path, accum):
+    """accum 1: each process takes half of every batch (the README's torchrun line);
+    accum 2: each process takes one of the two micro-steps."""
     args = [f'--data_dir={data_dir}', *TINY, '--dropout=0.0', '--max_iters=12', '--eval_interval=6',
-            '--gradient_accumulation_steps=2', '--lr_decay_iters=12']
+            f'--gradient_accumulation_steps={accum}', '--lr_decay_iters=12']
     one, two = tmp_path / 'one', tmp_path / 'two'
     subprocess.run([sys.executable, 'train.py', f'--out_dir={one}', *args], cwd=ROOT, check=True,
                    capture_output=True, timeout=300)
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                        '--nproc_per_node=2', 'train.py', f'--out_dir={two}', *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert '2 process(es)' in p.stdout and p.stdout.count('eval 12') == 1  # only rank 0 logs
+    p = torchrun(f'--out_dir={two}', *args)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert '2 process(es)' in stdout and stdout.count('eval 12') == 1  # only rank 0 logs
+    assert stdout.count('done:') == 1
     a = torch.load(one / 'last.pt', weights_only=True)
     b = torch.load(two / 'last.pt', weights_only=True)
     assert a['iter_num'] == b['iter_num'] == 12
@@ -31,3 +47,70 @@ def test_two_ranks_equal_one_rank_with_accumulation(data_dir, tmp_path):
     for r1, r2 in zip(*rows):
         assert abs(float(r1['val_loss']) - float(r2['val_loss'])) < 1e-4
     assert float(rows[0][-1]['val_loss']) < float(rows[0][0]['val_loss'])  # it learned something
+
+
+def test_a_step_that_does_not_split_is_one_line(data_dir, tmp_path):
+    p = torchrun(f'--data_dir={data_dir}', f'--out_dir={tmp_path}', *TINY, '--batch_size=3')
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode != 0
+    ours = [line for line in stderr.splitlines() if 'train.py: error:' in line]
+    assert len(ours) == 1 and 'does not split evenly over 2 processes' in ours[0], stderr
+
+
+def workers(parent):
+    """{RANK: pid} of the train.py processes below `parent` (Linux /proc)."""
+    out = {}
+    for d in Path('/proc').iterdir():
+        try:
+            ppid = int((d / 'stat').read_text().rsplit(')', 1)[1].split()[1])
+            env = dict(kv.split('=', 1) for kv in (d / 'environ').read_text().split('\0') if '=' in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and 'RANK' in env:
+            out[int(env['RANK'])] = int(d.name)
+    return out
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['sigint', 'sigterm'])
+def test_a_signal_to_one_process_stops_both_with_a_resumable_checkpoint(data_dir, tmp_path, sig):
+    out = tmp_path / 'run'
+    args = [f'--data_dir={data_dir}', *TINY, '--eval_interval=100000', '--max_iters=100000']
+    p = torchrun(f'--out_dir={out}', *args)
+    deadline = time.time() + 120
+    while not (out / 'last.pt').exists() and time.time() < deadline:  # the eval at iteration 0
+        time.sleep(0.1)
+    time.sleep(1.0)
+    ranks = workers(p.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], sig)  # not rank 0, which logs and saves: it must hear of it
+    t = time.time()
+    stdout, stderr = p.communicate(timeout=60)
+    assert time.time() - t < 30 and p.returncode == 0, stderr[-3000:]
+    assert stdout.count('interrupted: saved') == 1
+    it = torch.load(out / 'last.pt', weights_only=True)['iter_num']
+    assert it > 0
+    p = torchrun(f'--out_dir={out}', '--init_from=resume', f'--max_iters={it + 2}')
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0 and f'resuming from iteration {it}' in stdout, stderr[-3000:]
+    assert torch.load(out / 'last.pt', weights_only=True)['iter_num'] == it + 2
+
+
+@pytest.mark.parametrize('kind, rank, words', [
+    ('nan', 1, 'the loss is not finite at iteration 3'),
+    ('save', 0, 'could not write checkpoint'),
+])
+def test_a_fault_on_one_process_stops_both(data_dir, tmp_path, kind, rank, words):
+    """A NaN loss on rank 1 only, or rank 0's second checkpoint write failing: both processes
+    stop at the same step with one line, and the last good checkpoint stays."""
+    out = tmp_path / 'run'
+    p = torchrun(f'--data_dir={data_dir}', f'--out_dir={out}', *TINY, '--max_iters=50',
+                 '--eval_interval=2', script='tests/fault.py',
+                 env={'FAULT': kind, 'FAULT_RANK': str(rank), 'FAULT_AFTER': '3' if kind == 'nan' else '2'})
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode != 0
+    ours = [line for line in stderr.splitlines() if 'train.py: error:' in line]
+    assert len(ours) == 1 and words in ours[0], stderr[-3000:]
+    assert 'train.py", line' not in stderr  # no traceback from the workers (torchrun has its own)
+    ck = torch.load(out / 'last.pt', weights_only=True)
+    assert torch.isfinite(torch.cat([v.flatten() for v in ck['model'].values()])).all()
+    assert ck['iter_num'] == (2 if kind == 'nan' else 0)

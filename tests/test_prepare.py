@@ -1,4 +1,4 @@
-"""Tests of prepare.py on a slice of the real TinyStories text in ../shared/tinystories."""
+"""Tests of prepare.py on the slice of real TinyStories text in tests/data."""
 import json
 import os
 import subprocess
@@ -11,11 +11,11 @@ import pytest
 import sentencepiece as spm
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / 'shared' / 'tinystories'
+STORIES = REPO / 'tests' / 'data'
 sys.path.insert(0, str(REPO))
 import prepare  # noqa: E402
 
-N_TRAIN, N_VAL, VOCAB = 300, 60, 512
+N_TRAIN, N_VAL, VOCAB = 250, 80, 512
 
 
 def parse(path):
@@ -47,9 +47,14 @@ def decode_bin(d, split):
 
 @pytest.fixture(scope='module')
 def stories():
-    train, val = parse(SHARED / 'train.txt'), parse(SHARED / 'valid.txt')
-    assert (len(train), len(val)) == (2321, 616)  # as SOURCES.md says
-    return train[:N_TRAIN], val[:N_VAL]
+    train, val = parse(STORIES / 'train.txt'), parse(STORIES / 'valid.txt')
+    assert (len(train), len(val)) == (N_TRAIN, N_VAL)  # as tests/data/README.md says
+    return train, val
+
+
+def splits(stories):
+    """What prepare.py writes: train, and the validation stories alternating val, test."""
+    return {'train': stories[0], 'val': stories[1][0::2], 'test': stories[1][1::2]}
 
 
 @pytest.fixture(scope='module')
@@ -71,9 +76,10 @@ def prepared(tmp_path_factory, src_dir):
 # ---------------------------------------------------------------------------- 1, 2: output
 def test_round_trip(prepared, stories):
     d, stdout = prepared
-    assert decode_bin(d, 'train') == stories[0]
-    assert decode_bin(d, 'val') == stories[1]
-    for name in ('tokenizer.model', 'train.bin', 'val.bin', 'meta.json'):
+    for split, st in splits(stories).items():
+        assert decode_bin(d, split) == st
+    assert 'test' in prepare.SPLITS and len(splits(stories)['test']) == N_VAL // 2
+    for name in ('tokenizer.model', 'train.bin', 'val.bin', 'test.bin', 'meta.json'):
         assert str(d / name) in stdout
 
 
@@ -82,24 +88,24 @@ def test_bin_and_meta(prepared, stories):
     meta = prepare.load_meta(str(d))
     assert meta['vocab_size'] == meta['tokenizer_pieces'] == VOCAB and meta['tokenizer'] == 'bpe'
     assert (meta['bos_id'], meta['eos_id']) == (1, 2)
-    for split, st in zip(('train', 'val'), stories):
+    for split, st in splits(stories).items():
         a = np.fromfile(d / f'{split}.bin', dtype=np.uint16)
         assert (d / f'{split}.bin').stat().st_size == 2 * meta[f'{split}_tokens'] == 2 * len(a)
         assert a.max() < meta['vocab_size']
         assert meta[f'{split}_bytes'] == sum(len(s.encode('utf-8')) for s in st)
         assert meta[f'{split}_stories'] == len(st)
-    assert sorted(os.listdir(d)) == ['meta.json', 'tokenizer.model', 'tokenizer.vocab',
+    assert sorted(os.listdir(d)) == ['meta.json', 'test.bin', 'tokenizer.model', 'tokenizer.vocab',
                                      'train.bin', 'val.bin']
 
 
 def test_exact_round_trip_whole_corpus(prepared):
-    """The tokenizer trained on the slice still round-trips every story of the full files
-    (unseen characters go through byte fallback), and the memmap size bound holds."""
+    """The tokenizer trained on train.txt round-trips every story, the unseen ones of valid.txt
+    too (unseen characters go through byte fallback), and the memmap size bound holds."""
     sp = spm.SentencePieceProcessor(model_file=str(prepared[0] / 'tokenizer.model'))
     odd = ['  leading and trailing  ', 'tab\there', 'a\n\n\nb', '\nnl first', 'nl last\n',
            'crlf\r\nline', '¡Hola señor! ¿Qué tal? «así» 1234567890 “quoted” — …',
            'emoji 🙂 and 中文', '<s> </s> <unk> <|endoftext|>', ' ', 'x']
-    for s in parse(SHARED / 'train.txt') + parse(SHARED / 'valid.txt') + odd:
+    for s in parse(STORIES / 'train.txt') + parse(STORIES / 'valid.txt') + odd:
         ids = sp.encode(s)
         assert sp.decode(ids) == s
         assert len(ids) <= len(s.encode('utf-8')) + 1  # + 2 for BOS/EOS: the memmap bound
@@ -148,14 +154,15 @@ def test_local_formats(tmp_path, src_dir, stories):
 
 def test_single_file_carves_validation(tmp_path, src_dir, stories):
     train = stories[0]
-    n = max(1, int(len(train) * 0.01))
+    n = max(2, int(len(train) * 0.01))
     tr, va, note = prepare.find_splits(str(src_dir / 'train.txt'))
     assert (tr, va) == (train[:-n], train[-n:]) and 'no validation split' in note
     r = run(f'--source={src_dir / "train.txt"}', f'--data_dir={tmp_path}', f'--vocab_size={VOCAB}',
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert 'no validation split' in r.stdout
-    assert decode_bin(tmp_path / f'tok{VOCAB}', 'val') == train[-n:]
+    assert decode_bin(tmp_path / f'tok{VOCAB}', 'val') == train[-n:][0::2]
+    assert decode_bin(tmp_path / f'tok{VOCAB}', 'test') == train[-n:][1::2]
 
 
 def test_read_txt_details(tmp_path):
@@ -174,6 +181,10 @@ def error_cases(tmp):
     bad.mkdir()
     (bad / 'train.txt').write_bytes('Once upon a time.\n<|endoftext|>\nJosé'.encode('latin-1'))
     (tmp / 'notext.jsonl').write_text('{"story": "Once upon a time."}\n')
+    one = tmp / 'one'
+    one.mkdir()
+    write_txt(one / 'train.txt', ['Once upon a time.', 'The end.'])
+    write_txt(one / 'valid.txt', ['Only one.'])
     return {
         'missing': ([f'--source={tmp / "nope"}'], 'no such file or directory'),
         'empty dir': ([f'--source={empty}'], 'no .txt/.json/.jsonl/.parquet files'),
@@ -181,13 +192,15 @@ def error_cases(tmp):
         'not utf-8': ([f'--source={bad}'], 'not UTF-8 (byte offset 35)'),
         'no text field': ([f'--source={tmp / "notext.jsonl"}'], "no 'text' field"),
         'vocab too big': (['--vocab_size=70000'], '65535'),
+        'one validation story': ([f'--source={one}'], 'at least 2 validation stories'),
         'vocab too small': (['--vocab_size=200'], 'at least 260'),
         'bad setting': (['--vocab_sise=512'], "unknown setting 'vocab_sise'"),
     }
 
 
 @pytest.mark.parametrize('case', ['missing', 'empty dir', 'csv', 'not utf-8', 'no text field',
-                                  'vocab too big', 'vocab too small', 'bad setting'])
+                                  'one validation story', 'vocab too big', 'vocab too small',
+                                  'bad setting'])
 def test_errors(tmp_path, src_dir, case):
     args, expected = error_cases(tmp_path)[case]
     r = run(f'--source={src_dir}', f'--data_dir={tmp_path / "data"}', *args, cwd=tmp_path)
@@ -233,16 +246,17 @@ def test_killed_run_leaves_nothing_complete(tmp_path, src_dir, stories):
         prepare.load_meta(str(d))
     r = run(f'--source={src_dir}', f'--data_dir={data}', f'--vocab_size={VOCAB}', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert decode_bin(d, 'train') == stories[0] and decode_bin(d, 'val') == stories[1]
+    for split, st in splits(stories).items():
+        assert decode_bin(d, split) == st
     assert not [f for f in os.listdir(d) if f.endswith('.tmp') or f.startswith('new.')]
 
 
-@pytest.mark.parametrize('crash_at', [2, 5])  # a chunk of train.bin, of val.bin
+@pytest.mark.parametrize('crash_at', [2, 5, 6])  # a chunk of train.bin, of val.bin, of test.bin
 def test_failed_rerun_keeps_previous_data(tmp_path, prepared, stories, monkeypatch, crash_at):
     data = tmp_path / 'data'
     d = data / f'tok{VOCAB}'
     d.mkdir(parents=True)
-    names = ('tokenizer.model', 'train.bin', 'val.bin', 'meta.json')
+    names = ('tokenizer.model', 'train.bin', 'val.bin', 'test.bin', 'meta.json')
     for name in names:  # a complete directory from an earlier run
         (d / name).write_bytes((prepared[0] / name).read_bytes())
     before = {name: (d / name).read_bytes() for name in names}
@@ -277,6 +291,7 @@ def test_char_tokenizer(tmp_path, src_dir, stories):
     meta = prepare.load_meta(str(d))
     assert meta['tokenizer'] == 'char' and meta['vocab_size'] == VOCAB
     assert 259 < meta['tokenizer_pieces'] <= VOCAB  # every character seen, plus the bytes
-    assert decode_bin(d, 'train') == stories[0] and decode_bin(d, 'val') == stories[1]
+    for split, st in splits(stories).items():
+        assert decode_bin(d, split) == st
     a = np.fromfile(d / 'train.bin', dtype=np.uint16)
     assert a.max() < meta['tokenizer_pieces']

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SHARED, run
+from conftest import ROOT, STORIES, run
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
         '--eval_iters=2', '--vocab_size=512', '--log_interval=5', '--dropout=0.1',
@@ -93,6 +93,34 @@ def test_resume_is_bit_exact(data_dir, tmp_path, optimizer):
     train(data_dir, split, '--max_iters=30', '--init_from=resume', *args)
     assert log_rows(full) == log_rows(split)
     assert same_weights(weights(full / 'last.pt'), weights(split / 'last.pt'))
+
+
+def test_resume_continues_the_run_with_its_own_settings(data_dir, tmp_path):
+    """A bare resume (no config file, none of the run's flags) repeats the uninterrupted run;
+    flags given on the resume override the checkpoint's settings, each named once."""
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text("learning_rate = 5e-3\nmin_lr = 1e-4\nweight_decay = 0.5\nbeta2 = 0.95\n"
+                   "max_iters = 30\nlr_decay_iters = 30\neval_interval = 10\nmuon = True\n")
+    full, split = tmp_path / 'full', tmp_path / 'split'
+    train(data_dir, full, cfg)
+    train(data_dir, split, cfg, '--max_iters=10')
+    p = run('train.py', f'--out_dir={split}', '--init_from=resume', '--max_iters=30')
+    assert 'resume: max_iters = 30 (the run had 10)' in p.stdout
+    assert p.stdout.count('resume: ') == 1 and 'resuming from iteration 10' in p.stdout
+    assert log_rows(full) == log_rows(split)
+    assert same_weights(weights(full / 'last.pt'), weights(split / 'last.pt'))
+    ck = torch.load(split / 'last.pt', weights_only=True)
+    assert ck['config']['learning_rate'] == 5e-3 and ck['config']['muon'] is True
+
+    p = run('train.py', f'--out_dir={split}', '--init_from=resume')  # already at max_iters=30
+    assert 'already at iteration 30 of max_iters=30' in p.stdout and 'eval' not in p.stdout
+    p = run('train.py', f'--out_dir={split}', '--init_from=resume', '--max_iters=32',
+            '--dropout=0.3', '--n_layer=2')  # n_layer: the same as the run's, so no change
+    assert 'resume: dropout = 0.3 (the run had 0.1)' in p.stdout and 'n_layer' not in p.stdout
+    ck = torch.load(split / 'last.pt', weights_only=True)
+    assert ck['model_args']['dropout'] == ck['config']['dropout'] == 0.3 and ck['iter_num'] == 32
+    one_error_line(run('train.py', f'--out_dir={split}', '--init_from=resume', '--max_iters=40',
+                       '--n_embd=64', ok=False), 'n_embd=64', 'cannot change')
 
 
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data_dir, tmp_path):
@@ -203,14 +231,14 @@ def test_resume_with_larger_block_size_or_other_vocab(data_dir, tmp_path):
                          ok=False), 'block_size')
     other = tmp_path / 'other'  # the same vocab size, another tokenizer (prepare.py rerun)
     shutil.copytree(data_dir, other)
-    run('prepare.py', f'--source={SHARED / "valid.txt"}', f'--data_dir={other}', '--vocab_size=512')
+    run('prepare.py', f'--source={STORIES / "valid.txt"}', f'--data_dir={other}', '--vocab_size=512')
     one_error_line(train(other, out, '--max_iters=4', '--init_from=resume', ok=False),
                    'not the one the checkpoint was trained with')
     one_error_line(train(data_dir, out, '--max_iters=4', '--init_from=resume', '--muon=True', ok=False),
                    'muon=True', 'trained with (False)')
 
 
-def test_disk_full_during_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch, capsys):
+def test_disk_full_during_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     import common
     path = str(tmp_path / 'last.pt')
     common.save_checkpoint({'model': {'w': torch.ones(3)}, 'model_args': {}}, path)
@@ -219,12 +247,26 @@ def test_disk_full_during_checkpoint_write_keeps_the_old_one(tmp_path, monkeypat
         f.write(b'partial')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(torch, 'save', full)
-    with pytest.raises(SystemExit):
+    with pytest.raises(OSError, match='No space left on device.*previous one is kept'):
         common.save_checkpoint({'model': {'w': torch.zeros(3)}, 'model_args': {}}, path)
-    assert 'No space left' in capsys.readouterr().err
     monkeypatch.undo()
     assert torch.equal(common.load_checkpoint(path)['model']['w'], torch.ones(3))
     assert os.listdir(tmp_path) == ['last.pt']
+
+
+def fault(data_dir, out, kind, after, *args):
+    """train.py with a fault injected (tests/fault.py), in one process."""
+    return subprocess.run([sys.executable, 'tests/fault.py', f'--data_dir={data_dir}', f'--out_dir={out}',
+                           *TINY, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'FAULT': kind, 'FAULT_AFTER': str(after)})
+
+
+def test_a_failed_checkpoint_write_stops_training_and_keeps_the_last_good_one(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    p = fault(data_dir, out, 'save', 2, '--max_iters=50', '--eval_interval=5')  # writes 3+ fail
+    one_error_line(p, 'could not write checkpoint', 'No space left', 'previous one is kept')
+    assert torch.load(out / 'last.pt', weights_only=True)['iter_num'] == 0
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'last.pt', 'log.csv']
 
 
 @pytest.fixture(scope='module')
@@ -241,6 +283,8 @@ def trained(data_dir, tmp_path_factory):
     (['--top_k=0'], ['top_k']),
     (['--start=FILE:/no/such/file'], ['/no/such/file']),
     (['--quantize=int4'], ['quantize']),
+    (['--quantize=int8', '--device=cuda'], ['CPU only', '--device=cpu']),
+    (['--quantize=int8', '--device=mps'], ['CPU only', '--device=cpu']),
     (['--ipex=True'], ['intel_extension_for_pytorch']),
     (['--ckpt_name=nope.pt'], ['no checkpoint']),
 ])
