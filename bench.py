@@ -1,10 +1,11 @@
 """
-Measure speed and quality honestly, on this machine.
+Measure speed and memory honestly, on this machine: training steps, prefill and decoding.
 
-$ python bench.py                          # training and generation speed, seed-002 and CPU models
+$ python bench.py                          # the 20M and the CPU config's models, random weights
 $ python bench.py --quantize=int8          # the same with a variant: --ipex, --compile, --dtype
-$ python bench.py --eval_text=stories.txt --out_dir=out   # bits per byte: eval.py --text=stories.txt
+$ python bench.py --profile=True           # where a decoding step's time goes
 $ python bench.py --json=True              # one JSON object per result, after the text
+Quality is eval.py's job: python eval.py (bits per byte on the held-out test split).
 """
 import copy
 import json
@@ -16,12 +17,12 @@ from contextlib import nullcontext
 
 import torch
 
-from common import configure, die, pick_device, pick_dtype, peak_flops, peak_rss_mb, sync, \
-    load_checkpoint, model_from_checkpoint, optimize_for_inference
+from common import configure, die, pick_device, pick_dtype, peak_flops, peak_rss_mb, sync
+from inference import optimize_for_inference
 from model import GPT, GPTConfig, sample
 
 # -----------------------------------------------------------------------------
-models = 'seed002,cpu'   # which models to time: seed002 (8x384, ctx 512, vocab 16000), cpu (config)
+models = '20m,cpu'       # which models to time: config/tinystories_20m.py's, config/tinystories_cpu.py's
 batch_size = 8           # training batch (sequences) and the larger generation batch
 block_size = 0           # training context; 0 = the model's
 train_iters = 5          # timed training iterations (the median is reported) after one warm-up
@@ -36,18 +37,14 @@ grad_checkpoint = False  # recompute activations in backward (less memory, more 
 dropout = 0.0            # dropout in the timed training step (the configs use 0.1-0.2)
 attn_dropout = 0.0       # dropout on the attention weights: the slow attention kernel on CPUs
 muon = False             # time the training step with Muon for the block matrices (train.py's muon)
-out_dir = 'out'          # the checkpoint scored by --eval_text
-ckpt_name = 'ckpt.pt'
-eval_text = ''           # a TinyStories-format file: report loss, perplexity and bits per byte
-eval_batch = 16
-quantize = 'none'        # 'int8': dynamic int8 Linear layers (generation and eval)
+out_dir = 'out'          # where --profile writes its trace
+quantize = 'none'        # 'int8': dynamic int8 Linear layers (generation)
 ipex = False
-compile = False          # torch.compile the training step (decoding gains nothing from it here)
+compile = False          # torch.compile the training step (decoding stays eager)
 dtype = 'float32'        # 'bfloat16' measures autocast training and bf16 generation
 device = 'cpu'
 threads = 0              # 0 = PyTorch's default (the physical cores)
 profile = False          # write a torch.profiler trace of decoding to out_dir, print the top ops
-plot = ''                # a train.py log.csv: draw its loss curves to a PNG beside it (matplotlib)
 json_out = False         # alias of --json
 # -----------------------------------------------------------------------------
 if any(a.startswith('--json') for a in sys.argv[1:]):  # 'json' would shadow the module
@@ -73,15 +70,16 @@ def report(name, **fields):
 
 
 def model_configs():
-    cpu = {}
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'tinystories_cpu.py')).read(), cpu)
-    out = {'seed002': dict(n_layer=8, n_head=6, n_embd=384, block_size=512, vocab_size=16000),
-           'cpu': {k: cpu[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')}}
-    names = [m for m in models.split(',') if m]
-    for m in names:
-        if m not in out:
-            die(f"unknown model '{m}' in models: use seed002, cpu or both (seed002,cpu)")
-    return [(m, out[m]) for m in names]
+    """The shapes of the models in config/tinystories_{name}.py for the names in `models`."""
+    out = []
+    for name in [m for m in models.split(',') if m]:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'tinystories_{name}.py')
+        if name not in ('20m', 'cpu'):
+            die(f"unknown model '{name}' in models: use 20m, cpu or both (20m,cpu)")
+        cfg = {}
+        exec(open(path).read(), cfg)
+        out.append((name, {k: cfg[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')}))
+    return out
 
 
 def train_step(model, step_model, opt, T):
@@ -161,7 +159,7 @@ def decode_speed(model, prompt, temperature):
 def bench_generate(name, model, plain=None):
     """Prefill and decode speed at batch 1 and batch_size. At batch 1 the two sides of each ratio
     (KV cache against recompute; the variant against `plain`, the fp32 model as sample.py runs
-    it) are measured alternately, `rounds` times, and their medians reported: this machine's
+    it) are measured alternately, `rounds` times, and their medians reported: a machine's
     speed drifts, and alternating makes the drift hit both sides alike."""
     V = model.config.vocab_size
     for B in (1, batch_size):
@@ -213,81 +211,28 @@ def bench_profile(name, model):
     print(p.key_averages().table(sort_by='self_cpu_time_total', row_limit=12))
 
 
-def evaluate(path):
-    """eval.py's protocol on a text file (eval.py --text=path), kept here as --eval_text."""
-    from eval import score, text_stories
-    ckpt_path = os.path.join(out_dir, ckpt_name)
-    ckpt = load_checkpoint(ckpt_path, device)
-    model = model_from_checkpoint(ckpt, ckpt_path).to(device).eval()
-    if quantize == 'int8':
-        model = optimize_for_inference(model, quantize)
-    try:
-        stories, n_bytes = text_stories(path, ckpt['tokenizer'])
-    except (ValueError, OSError) as e:
-        die(str(e))
-    t0 = time.perf_counter()
-    r = score(model, stories, n_bytes, eval_batch)
-    report(f"eval {os.path.basename(path)}" + (f" {quantize}" if quantize != 'none' else ''),
-           **r, seconds=round(time.perf_counter() - t0, 1))
-
-
-def plot_log(path):
-    """Train and validation loss (and val bits per byte) against iteration, from train.py's CSV."""
-    import csv
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        die("--plot needs matplotlib (optional): pip install matplotlib")
-    try:
-        rows = list(csv.DictReader(open(path)))
-    except OSError as e:
-        die(f"cannot read {path} ({e.strerror})")
-    it = [int(r['iter']) for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(it, [float(r['train_loss']) for r in rows], label='train loss')
-    ax.plot(it, [float(r['val_loss']) for r in rows], label='val loss')
-    ax.set_xlabel('iteration')
-    ax.set_ylabel('loss (nats/token)')
-    ax2 = ax.twinx()
-    ax2.plot(it, [float(r['val_bpb']) for r in rows], 'g:', label='val bits/byte')
-    ax2.set_ylabel('val bits per byte')
-    fig.legend(loc='upper center', bbox_to_anchor=(0.5, 0.9))
-    ax.grid(alpha=0.3)
-    out = os.path.splitext(path)[0] + '.png'
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    print(f"wrote {out}")
-
-
-if plot:
-    plot_log(plot)
-elif eval_text:
-    evaluate(eval_text)
-else:
-    peak = peak_flops(device, 'float32' if device == 'cpu' else dtype, n=2048, seconds=3.0)
-    print(f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"device {device}, dtype {dtype}, quantize {quantize}, ipex {ipex}, compile {compile}")
-    report(f"matmul peak {'float32' if device == 'cpu' else dtype}", gflops=round(peak / 1e9, 1))
-    for name, cfg in model_configs():
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(**cfg, dropout=dropout, attn_dropout=attn_dropout)).to(device)
-        print(f"--- {name}: {model.get_num_params():,} parameters, {cfg}")
-        if not skip_train:
-            bench_train(name, model)
-        model.eval()
-        plain = None
-        if not skip_generate and (quantize != 'none' or ipex or dtype != 'float32'):
-            # the fp32 model as sample.py runs it, decoded in the same run: the honest ratio
-            plain = optimize_for_inference(copy.deepcopy(model))  # it swaps the Linears in place
-        if dtype != 'float32':
-            model.to(ptdtype)
-        gen_model = optimize_for_inference(model, quantize, ipex)
-        if not skip_generate:
-            bench_generate(name, gen_model, plain)
-        if profile:
-            bench_profile(name, gen_model)
+peak = peak_flops(device, 'float32' if device == 'cpu' else dtype, n=2048, seconds=3.0)
+print(f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, torch {torch.__version__}, "
+      f"device {device}, dtype {dtype}, quantize {quantize}, ipex {ipex}, compile {compile}")
+report(f"matmul peak {'float32' if device == 'cpu' else dtype}", gflops=round(peak / 1e9, 1))
+for name, cfg in model_configs():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**cfg, dropout=dropout, attn_dropout=attn_dropout)).to(device)
+    print(f"--- {name}: {model.get_num_params():,} parameters, {cfg}")
+    if not skip_train:
+        bench_train(name, model)
+    model.eval()
+    plain = None
+    if not skip_generate and (quantize != 'none' or ipex or dtype != 'float32'):
+        # the fp32 model as sample.py runs it, decoded in the same run: the honest ratio
+        plain = optimize_for_inference(copy.deepcopy(model))  # it swaps the Linears in place
+    if dtype != 'float32':
+        model.to(ptdtype)
+    gen_model = optimize_for_inference(model, quantize, ipex)
+    if not skip_generate:
+        bench_generate(name, gen_model, plain)
+    if profile:
+        bench_profile(name, gen_model)
 if json_out:
     for r in results:
         print(json.dumps(r))

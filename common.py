@@ -1,5 +1,5 @@
 """
-What prepare.py, train.py, sample.py and bench.py share: settings, errors, devices, checkpoints.
+What the scripts share: settings, one-line errors, devices, checkpoints.
 
 Settings: a script's settings are plain module globals. `configure(globals())` applies, in order, the
 Python config files given as positional arguments, then `--key=value` flags (also `--key value`,
@@ -233,60 +233,4 @@ def model_from_checkpoint(ckpt, path='checkpoint'):
     except (TypeError, RuntimeError, AssertionError) as e:
         die(f"{path} does not fit the model it describes ({first_line(e)}): "
             f"the file is damaged or from another version")
-    return model
-
-
-def import_ipex():
-    """Intel Extension for PyTorch, or one line saying what it needs."""
-    try:
-        import intel_extension_for_pytorch
-        return intel_extension_for_pytorch
-    except Exception as e:  # not installed, or built for another torch version
-        import torch
-        die(f"ipex=True needs intel_extension_for_pytorch built for torch {torch.__version__.split('+')[0]} "
-            f"({type(e).__name__}); IPEX 2.8, its last release, needs torch 2.8.x: "
-            f"pip install torch==2.8.* intel-extension-for-pytorch==2.8.*; for Intel GPUs, "
-            f"PyTorch itself has device='xpu'")
-
-
-def optimize_for_inference(model, quantize='none', ipex=False):
-    """The inference variants that sample.py and bench.py share, each behind its own setting.
-    Use the model returned: int8 makes a copy, the fp32 CPU layout changes `model` itself."""
-    import warnings
-    import torch
-    if quantize == 'int8':
-        # dynamic int8: weights stored as int8, activations quantized on the fly, per matmul.
-        # The tied lm_head is quantized too (a large matmul every token); the embedding lookup
-        # keeps its float copy, as a lookup costs nothing to speak of.
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # torch.ao.quantization is deprecated, still works
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    if ipex:
-        model = import_ipex().optimize(model)
-    if quantize == 'none' and not ipex and next(model.parameters()).device.type == 'cpu':
-        # Decoding multiplies each weight matrix by one vector, and the time goes in reading the
-        # weights. MKL does that product on one core, so the output rows of each Linear are cut
-        # into one contiguous block per thread and multiplied as a batch, one block per core.
-        # Same values, another memory order; the embedding keeps the tied matrix for lookups.
-        threads = torch.get_num_threads()
-
-        class ThreadedLinear(torch.nn.Module):
-            def __init__(self, linear):
-                super().__init__()
-                out_f, in_f = linear.weight.shape
-                parts = max(p for p in range(1, threads + 1) if out_f % p == 0)
-                w = linear.weight.detach().view(parts, out_f // parts, in_f)
-                self.register_buffer('blocks', w.transpose(1, 2).contiguous())  # (parts, in, out/parts)
-                self.bias = linear.bias
-
-            def forward(self, x):
-                parts, in_f, _ = self.blocks.shape
-                y = torch.bmm(x.reshape(1, -1, in_f).expand(parts, -1, -1), self.blocks)
-                y = y.transpose(0, 1).reshape(*x.shape[:-1], -1)  # blocks side by side again
-                return y if self.bias is None else y + self.bias
-
-        for m in [m for m in model.modules() if not isinstance(m, torch.nn.Linear)]:
-            for name, child in list(m.named_children()):
-                if isinstance(child, torch.nn.Linear):  # one at a time: the old weight goes at once
-                    setattr(m, name, ThreadedLinear(child))
     return model

@@ -100,8 +100,8 @@ def text_stories(path, tokenizer_proto):
 
 
 def main():
-    from common import die, load_checkpoint, model_from_checkpoint, optimize_for_inference, \
-        pick_device
+    from common import die, load_checkpoint, model_from_checkpoint, pick_device
+    from inference import optimize_for_inference
     from prepare import tok_dir
     if split not in ('val', 'test', 'train'):
         die(f"bad value split={split!r}: use 'test', 'val' or 'train'")

@@ -25,7 +25,7 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0      # on the embeddings and on each sublayer's output
-    attn_dropout: float = 0.0  # on the attention weights: on a CPU it costs ~20% of a training step
+    attn_dropout: float = 0.0  # on the attention weights: it takes PyTorch off its fused CPU kernel
     bias: bool = False        # biases in Linears and LayerNorms: True is GPT-2; False is a bit faster
     pos_emb: str = 'rope'     # 'rope', or 'learned' (GPT-2) / 'sinusoidal' (Vaswani et al.) to compare
     rope_theta: float = 10000.0
@@ -130,7 +130,7 @@ class GPT(nn.Module):
         elif config.pos_emb == 'sinusoidal':
             cos, sin = rope_cache(config.block_size, config.n_embd)
             self.register_buffer('wpe_fixed', torch.stack((sin, cos), -1).flatten(1), persistent=False)
-        self.grad_checkpoint = False  # recompute each block in backward: less memory, ~30% more time
+        self.grad_checkpoint = False  # recompute each block in backward: less memory, more time
 
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), one per sublayer
@@ -184,7 +184,7 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu', muon=False):
         """AdamW; weight decay on the matrices (Linears, embedding) only, not on biases or norms.
-        muon=True: Muon (below) for the matrices inside the blocks, AdamW for the rest."""
+        muon=True: Muon (muon.py) for the matrices inside the blocks, AdamW for the rest."""
         params = [p for p in self.parameters() if p.requires_grad]
         blocks = {id(p) for p in self.transformer.h.parameters()}
         hidden = [p for p in params if muon and p.dim() == 2 and id(p) in blocks]
@@ -193,6 +193,7 @@ class GPT(nn.Module):
                    'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         if muon:
+            from muon import Muon  # its own file: the model does not need to know its optimizer
             return Muon([{'params': hidden, 'weight_decay': weight_decay, 'muon': True}] + groups,
                         lr=learning_rate, betas=betas)
         # the fused kernel is fastest on CUDA; on the CPU the default (foreach) is
@@ -209,7 +210,7 @@ class GPT(nn.Module):
         (bench.py measures the CPU's; an A100's 312 TFLOP/s would be meaningless on a laptop)."""
         return self.flops_per_token(T) * tokens_per_iter / dt / peak_flops
 
-    @torch.inference_mode()  # no_grad, and no autograd bookkeeping on tensors: 5-10% faster
+    @torch.inference_mode()  # no_grad, and no autograd bookkeeping on tensors either
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
         """Yield (B, 1) new tokens, one per step, continuing the prompts idx (B, T).
         The prompt is run once (prefill) to fill the cache; each step then runs one token.
@@ -248,55 +249,10 @@ class GPT(nn.Module):
         return torch.cat([idx] + new, dim=1)
 
 
-def orthogonalize(G, steps=5):
-    """Roughly U V^T for G = U S V^T: Muon's quintic Newton-Schulz iteration, whose coefficients
-    move every singular value into about [0.7, 1.2] in a few steps rather than exactly to 1."""
-    X = G / G.norm().clamp(min=1e-7)  # singular values at most 1, where the iteration converges
-    if G.size(0) > G.size(1):
-        X = X.T  # so that the Gram matrix X X^T is the smaller one
-    for _ in range(steps):
-        A = X @ X.T
-        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
-    return X.T if G.size(0) > G.size(1) else X
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) for the groups with
-    muon=True, AdamW for the others. Muon steps along its Nesterov momentum made orthogonal:
-    every direction of a weight matrix moves by the same amount, the rarely seen ones too.
-    An orthogonal update's entries are small (~1/sqrt(width)), so its step is lr_ratio x lr."""
-
-    def __init__(self, groups, lr, betas, momentum=0.95, lr_ratio=10.0, eps=1e-8):
-        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, lr_ratio=lr_ratio,
-                                      eps=eps, muon=False))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, (beta1, beta2) = group['lr'], group['betas']
-            for p in [p for p in group['params'] if p.grad is not None]:
-                g, state = p.grad, self.state[p]
-                p.mul_(1 - lr * group['weight_decay'])  # decoupled weight decay, as AdamW's
-                if group['muon']:
-                    buf = state.setdefault('momentum', torch.zeros_like(p))
-                    buf.mul_(group['momentum']).add_(g)
-                    update = orthogonalize(g.add(buf, alpha=group['momentum']))
-                    p.add_(update, alpha=-lr * group['lr_ratio'] * max(1, p.size(0) / p.size(1)) ** 0.5)
-                else:  # AdamW (Loshchilov & Hutter 2019)
-                    if not state:
-                        state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
-                    state['step'] += 1
-                    state['m'].lerp_(g, 1 - beta1)
-                    state['v'].lerp_(g.square(), 1 - beta2)
-                    v_hat = state['v'] / (1 - beta2 ** state['step'])
-                    p.addcdiv_(state['m'], v_hat.sqrt_().add_(group['eps']),
-                               value=-lr / (1 - beta1 ** state['step']))
-
-
 def draw(probs):
     """One index per row of probs (B, vocab), each with probability proportional to its weight:
     the first index whose cumulative weight reaches a uniform draw in (0, total] (never one of
-    weight 0). One random number per row: torch.multinomial cost 8x more on a CPU."""
+    weight 0). One random number per row, and much cheaper on a CPU than torch.multinomial."""
     cdf = probs.cumsum(dim=-1)
     u = (1.0 - torch.rand(probs.size(0), 1, device=probs.device)) * cdf[:, -1:]
     return torch.searchsorted(cdf, u)

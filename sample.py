@@ -11,8 +11,8 @@ import time
 import torch
 import sentencepiece as spm
 
-from common import configure, die, pick_device, pick_dtype, load_checkpoint, model_from_checkpoint, \
-    optimize_for_inference
+from common import configure, die, pick_device, pick_dtype, load_checkpoint, model_from_checkpoint
+from inference import optimize_for_inference
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'

@@ -4,7 +4,7 @@ Train a GPT on prepared TinyStories, on a laptop CPU or on many GPUs.
 One process (CPU or one GPU):
 $ python train.py config/tinystories_cpu.py
 Several processes or GPUs on one machine (DDP; nccl on CUDA, gloo on the CPU):
-$ torchrun --standalone --nproc_per_node=4 train.py config/tinystories_25m.py
+$ torchrun --standalone --nproc_per_node=4 train.py config/tinystories_20m.py
 Several machines: the same with --nnodes, --node_rank and --rdzv_endpoint (see README.md).
 Continue a run (its settings come from the checkpoint; flags given here override them):
 $ python train.py --init_from=resume --max_iters=3000
@@ -19,14 +19,14 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import sentencepiece as spm  # noqa: F401  (fail early, here, if it is missing)
 
 from common import configure, die, first_line, pick_device, pick_dtype, peak_flops, \
-    save_checkpoint, load_checkpoint, model_from_checkpoint, import_ipex
+    save_checkpoint, load_checkpoint, model_from_checkpoint
+from inference import import_ipex
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
-# defaults: a small model that trains on a 2-core CPU; config/*.py and --key=value override
+# defaults: the CPU quick start's model (config/tinystories_cpu.py); config/*.py and --key=value override
 # I/O
 out_dir = 'out'
 eval_interval = 250      # evaluate, log to CSV and checkpoint every this many iterations
@@ -42,11 +42,11 @@ batch_size = 16          # sequences per micro-step (per process under DDP)
 block_size = 256
 gradient_accumulation_steps = 1  # a step is batch_size x this many sequences, however many processes
 # model
-n_layer = 4
+n_layer = 6
 n_head = 4
-n_embd = 192
+n_embd = 256
 dropout = 0.1
-attn_dropout = 0.0       # dropout on the attention weights too (nanoGPT: = dropout); slow on CPUs
+attn_dropout = 0.0       # dropout on the attention weights too (nanoGPT: = dropout); slower
 bias = False
 pos_emb = 'rope'         # 'rope', 'learned' or 'sinusoidal'
 grad_checkpoint = False  # recompute activations in backward: less memory, more time
@@ -64,7 +64,7 @@ min_lr = 1e-4            # usually learning_rate / 10
 # system
 device = 'auto'          # 'auto' (cuda, xpu, mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'xpu', 'mps'
 dtype = 'auto'           # 'float32', 'bfloat16', 'float16'; 'auto' = bfloat16 on a capable GPU
-compile = False          # torch.compile: ~1 min to start, then faster steps
+compile = False          # torch.compile: slow to start (it compiles), then faster steps
 ipex = False             # intel_extension_for_pytorch.optimize (needs a torch that IPEX supports)
 threads = 0              # CPU threads for torch; 0 = PyTorch's default (the physical cores)
 seed = 1337

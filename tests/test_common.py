@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from common import configure, load_checkpoint, optimize_for_inference, save_checkpoint
+from common import configure, load_checkpoint, save_checkpoint
+from inference import optimize_for_inference
 
 
 def settings():

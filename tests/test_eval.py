@@ -56,10 +56,6 @@ def test_text_bits_per_byte_matches_story_by_story_reference(long_context, tmp_p
     assert r['tokens'] == tokens and r['bytes'] == nbytes and r['stories'] == 25
     assert abs(r['bpb'] - bpb) < 1e-3 and abs(r['loss'] - loss) < 1e-3
     assert abs(r['ppl'] - math.exp(loss)) < 1e-2 * math.exp(loss)
-    # bench.py --eval_text is the same protocol
-    p = run('bench.py', '--eval_text', text, f'--out_dir={long_context}', '--json=True')
-    b = json.loads(p.stdout.splitlines()[-1])
-    assert (b['bpb'], b['tokens'], b['bytes']) == (r['bpb'], r['tokens'], r['bytes'])
 
 
 def test_a_prepared_split_scores_as_its_text(long_context, data_dir, tmp_path):

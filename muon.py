@@ -1,0 +1,51 @@
+"""
+Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/): the optimizer train.py's
+muon=True uses for the weight matrices inside the blocks, with AdamW for the embedding, the norms
+and the biases. GPT.configure_optimizers (model.py) makes the groups.
+"""
+import torch
+
+
+def orthogonalize(G, steps=5):
+    """Roughly U V^T for G = U S V^T: Muon's quintic Newton-Schulz iteration, whose coefficients
+    move every singular value into about [0.7, 1.2] in a few steps rather than exactly to 1."""
+    X = G / G.norm().clamp(min=1e-7)  # singular values at most 1, where the iteration converges
+    if G.size(0) > G.size(1):
+        X = X.T  # so that the Gram matrix X X^T is the smaller one
+    for _ in range(steps):
+        A = X @ X.T
+        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
+    return X.T if G.size(0) > G.size(1) else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) for the groups with
+    muon=True, AdamW for the others. Muon steps along its Nesterov momentum made orthogonal:
+    every direction of a weight matrix moves by the same amount, the rarely seen ones too.
+    An orthogonal update's entries are small (~1/sqrt(width)), so its step is lr_ratio x lr."""
+
+    def __init__(self, groups, lr, betas, momentum=0.95, lr_ratio=10.0, eps=1e-8):
+        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, lr_ratio=lr_ratio,
+                                      eps=eps, muon=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (beta1, beta2) = group['lr'], group['betas']
+            for p in [p for p in group['params'] if p.grad is not None]:
+                g, state = p.grad, self.state[p]
+                p.mul_(1 - lr * group['weight_decay'])  # decoupled weight decay, as AdamW's
+                if group['muon']:
+                    buf = state.setdefault('momentum', torch.zeros_like(p))
+                    buf.mul_(group['momentum']).add_(g)
+                    update = orthogonalize(g.add(buf, alpha=group['momentum']))
+                    p.add_(update, alpha=-lr * group['lr_ratio'] * max(1, p.size(0) / p.size(1)) ** 0.5)
+                else:  # AdamW (Loshchilov & Hutter 2019)
+                    if not state:
+                        state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                    state['step'] += 1
+                    state['m'].lerp_(g, 1 - beta1)
+                    state['v'].lerp_(g.square(), 1 - beta2)
+                    v_hat = state['v'] / (1 - beta2 ** state['step'])
+                    p.addcdiv_(state['m'], v_hat.sqrt_().add_(group['eps']),
+                               value=-lr / (1 - beta1 ** state['step']))
