@@ -13,6 +13,7 @@ evaluates, keeps the best checkpoint by and stops early on), the 2nd, 4th, 6th..
 held out: nothing is chosen on it, so a figure on it is an honest estimate for unseen stories.
 train.py, sample.py, eval.py and bench.py import the helpers below (tok_dir, load_meta, ...).
 """
+import collections
 import itertools
 import json
 import os
@@ -71,17 +72,18 @@ def decode_utf8(data, path, offset=0):
                          "re-encode the file as UTF-8") from None
 
 
-def read_txt(path):
-    def add(lines):  # a story: its lines, less the blank ones at either end
-        while lines and not lines[-1].strip():
-            lines.pop()
-        while lines and not lines[0].strip():
-            lines.pop(0)
-        if lines:
-            stories.append('\n'.join(lines))
+def story(lines):
+    """One story from its lines, less the blank ones at either end ('' if nothing is left)."""
+    while lines and not lines[-1].strip():
+        lines.pop()
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    return '\n'.join(lines)
 
-    # Streamed line by line, so memory holds the stories, not the whole file as bytes and str.
-    stories, lines, offset = [], [], 0
+
+def iter_txt(path):
+    """The stories of a TinyStories .txt file, read line by line: memory holds one story."""
+    lines, offset = [], 0
     with open(path, 'rb') as f:
         for raw in f:
             line = decode_utf8(raw, path, offset).rstrip('\n').removesuffix('\r')
@@ -89,110 +91,145 @@ def read_txt(path):
                 line = line.removeprefix('\ufeff')  # a byte order mark is not text
             offset += len(raw)
             if line.strip() == SEPARATOR:
-                add(lines)
+                if s := story(lines):
+                    yield s
                 lines = []
             else:
                 lines.append(line)
-    add(lines)  # a last story without a separator after it
-    return stories
+    if s := story(lines):  # a last story without a separator after it
+        yield s
 
 
-def json_texts(records, path):
-    out = []
-    for i, r in enumerate(records):
+def texts(records, path, first=0):
+    """The stripped, non-empty 'text' fields of JSON records (numbered from `first`)."""
+    for i, r in enumerate(records, first):
         if not isinstance(r, dict) or not isinstance(r.get('text'), str):
             raise ValueError(f"{path}: record {i} has no 'text' field (expected objects like "
                              '{"text": "Once upon a time..."})')
         if r['text'].strip():
-            out.append(r['text'].strip())
-    return out
+            yield r['text'].strip()
+
+
+def iter_stories(path):
+    """The stories of one local file, streamed: .txt (TinyStories format), .json, .jsonl or
+    .parquet (read in batches of rows)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == '.txt':
+        yield from iter_txt(path)
+    elif ext in ('.json', '.jsonl'):
+        try:
+            with open(path, 'rb') as f:
+                head = f.read(1000).lstrip()
+            if ext == '.json' and head.startswith(b'['):  # one list of objects: read whole
+                with open(path, 'rb') as f:
+                    yield from texts(json.loads(decode_utf8(f.read(), path)), path)
+                return
+            with open(path, 'rb') as f:  # an object per line
+                offset = 0
+                for i, raw in enumerate(f):
+                    line = decode_utf8(raw, path, offset)
+                    offset += len(raw)
+                    if line.strip():
+                        yield from texts([json.loads(line)], path, i)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    elif ext == '.parquet':
+        import pyarrow.parquet as pq  # installed with datasets; never touches the network
+        f = pq.ParquetFile(path)
+        if 'text' not in f.schema_arrow.names:
+            raise ValueError(f"{path}: no 'text' column (columns: {', '.join(f.schema_arrow.names)})")
+        for batch in f.iter_batches(batch_size=CHUNK, columns=['text']):
+            yield from (t.strip() for t in batch.column(0).to_pylist() if t and t.strip())
+    else:
+        raise ValueError(f"{path}: unsupported file type '{ext}' (use {', '.join(EXTENSIONS)})")
 
 
 def read_stories(path):
-    """The stories of one local file: .txt (TinyStories format), .json, .jsonl or .parquet."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext == '.txt':
-        return read_txt(path)
-    if ext in ('.json', '.jsonl'):
-        with open(path, 'rb') as f:
-            text = decode_utf8(f.read(), path)
-        try:
-            if ext == '.json' and text.lstrip().startswith('['):
-                return json_texts(json.loads(text), path)  # a list of objects
-            lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-            return json_texts(lines, path)  # an object per line
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if ext == '.parquet':
-        import pyarrow.parquet as pq  # installed with datasets; never touches the network
-        table = pq.read_table(path)
-        if 'text' not in table.column_names:
-            raise ValueError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-        return [t.strip() for t in table.column('text').to_pylist() if t and t.strip()]
-    raise ValueError(f"{path}: unsupported file type '{ext}' (use {', '.join(EXTENSIONS)})")
+    """All the stories of one local file, as a list."""
+    return list(iter_stories(path))
 
 
 def find_splits(source, val_fraction=0.01):
-    """(train_stories, val_stories, note) from a local file, a directory, or the hub.
-    note is None, or says that validation was carved off the end of train."""
-    train, val = [], []
+    """(train, val, note) for a local file, a directory, or a hub dataset. train() and val()
+    each return a new iterator over the split's stories: a corpus of any size streams through,
+    read twice where needed, never held in memory. Where the source has no validation split,
+    every (1/val_fraction)-th story is validation, and note says so (else note is None)."""
     source = os.path.expanduser(source)
+    val = None
     if os.path.isfile(source):
-        train = read_stories(source)
+        train = lambda: iter_stories(source)
     elif os.path.isdir(source):
         files = sorted(f for f in os.listdir(source) if f.lower().endswith(EXTENSIONS))
+        if not files and os.path.isdir(os.path.join(source, 'data')):  # a copy of a hub dataset
+            return find_splits_of(load_hub(source), source, val_fraction)
         if not files:
             raise ValueError(f"no {'/'.join(EXTENSIONS)} files in directory {source}")
         named_train = any('train' in f.lower() for f in files)
-        for f in files:
-            is_train = 'train' in f.lower()
-            is_val = 'val' in f.lower() and not is_train  # 'valid', 'validation', 'val'
-            if is_train or is_val or not named_train:  # no 'train' names: the rest is train
-                (val if is_val else train).extend(read_stories(os.path.join(source, f)))
+        is_val = lambda f: 'val' in f.lower() and 'train' not in f.lower()  # valid, validation
+        train_files = [os.path.join(source, f) for f in files if not is_val(f) and ('train' in f.lower() or not named_train)]
+        val_files = [os.path.join(source, f) for f in files if is_val(f)]
+        train = lambda: itertools.chain.from_iterable(map(iter_stories, train_files))
+        if val_files:
+            val = lambda: itertools.chain.from_iterable(map(iter_stories, val_files))
     elif re.fullmatch(r'[\w-][\w.-]*(/[\w.-]+)?', source) and not source.endswith(EXTENSIONS):
-        train, val = load_hub(source)
+        return find_splits_of(load_hub(source), source, val_fraction)
     else:
         raise ValueError(f"source '{source}': no such file or directory")
-    if len(train) + len(val) == 0:
-        raise ValueError(f"no stories found in {source}")
+    return checked_splits(train, val, source, val_fraction)
+
+
+def find_splits_of(ds, source, val_fraction):
+    """find_splits for a datasets.DatasetDict (the hub's layout: train and validation)."""
+    if 'train' not in ds:
+        raise ValueError(f"{source} has no 'train' split (splits: {', '.join(ds)})")
+    val = (lambda: hub_stories(ds, 'validation')) if 'validation' in ds else None
+    return checked_splits(lambda: hub_stories(ds, 'train'), val, source, val_fraction)
+
+
+def checked_splits(train, val, source, val_fraction):
     note = None
-    if not val:
-        if len(train) < 3:
-            raise ValueError(f"{source}: need at least 3 stories to carve validation and test "
-                             "splits")
-        n = max(2, int(len(train) * val_fraction))
-        train, val = train[:-n], train[-n:]
-        note = (f"{source} has no validation split: using the last {n:,} of "
-                f"{len(train) + n:,} training stories as validation and test "
+    if val is None:
+        k, every = max(2, round(1 / val_fraction)), train
+        train = lambda: (s for i, s in enumerate(every()) if i % k != k - 1)
+        val = lambda: itertools.islice(every(), k - 1, None, k)
+        note = (f"{source} has no validation split: every {k}th story is validation or test "
                 f"(val_fraction={val_fraction})")
-    if not train:
+    if next(train(), None) is None:
         raise ValueError(f"no training stories in {source} (file names containing 'train')")
-    if len(val) < 2:
+    if len(list(itertools.islice(val(), 2))) < 2:
         raise ValueError(f"{source}: need at least 2 validation stories (one for val, one for "
-                         f"test), found {len(val)}")
+                         f"test)" + (", or more stories to carve them from" if note else ""))
     return train, val, note
 
 
-def split_val_test(stories):
-    """Validation stories alternate between val (1st, 3rd, ...) and the held-out test (2nd, ...)."""
-    return stories[0::2], stories[1::2]
+def split_val_test(val):
+    """The validation stories alternate between val (1st, 3rd, ...) and the held-out test
+    (2nd, 4th, ...): (val(), test()) iterators from the function val()."""
+    return lambda: itertools.islice(val(), 0, None, 2), lambda: itertools.islice(val(), 1, None, 2)
 
 
 def load_hub(name):
+    """The dataset `name` through datasets.load_dataset: from the hub (cached after the first
+    download, and memory-mapped, not loaded), or a local folder laid out as the hub's."""
     import datasets  # slow to import, and only the hub needs it
     import huggingface_hub
     # its retry warnings would bury the one-line error below when the hub is unreachable
     datasets.logging.set_verbosity_error()
     huggingface_hub.utils.logging.set_verbosity_error()
-    print(f"loading {name} from the Hugging Face hub (about 1.9 GB the first time)...", flush=True)
+    if not os.path.isdir(name):
+        print(f"loading {name} from the Hugging Face hub (about 1.9 GB the first time)...", flush=True)
     try:
-        ds = datasets.load_dataset(name)
+        return datasets.load_dataset(name)
     except Exception as e:  # offline, DNS, unknown repo...: say what to do instead
         why = f"{type(e).__name__}: {e}".splitlines()[0]
         raise ValueError(f"could not reach '{name}' on the Hugging Face hub ({why}): download "
                          "TinyStories elsewhere and pass --source=PATH to local files") from None
-    split = lambda s: [t.strip() for t in ds[s]['text'] if t and t.strip()] if s in ds else []
-    return split('train'), split('validation')
+
+
+def hub_stories(ds, split):
+    """The stories of one split of a datasets.DatasetDict, read in batches of rows."""
+    for batch in ds[split].iter(batch_size=CHUNK):
+        yield from (t.strip() for t in batch['text'] if t and t.strip())
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -206,14 +243,26 @@ def check_vocab(vocab_size, tokenizer):
                          "260 ids (3 special + 256 byte pieces + characters)")
 
 
-def train_tokenizer(stories, model_prefix, vocab_size, tokenizer='bpe', sample=200_000, seed=0):
-    """Train SentencePiece on a fixed random sample of stories; returns the .model path.
+def sample_stories(stories, k, seed=0):
+    """A fixed random sample of k stories from a stream, in their order in it (all of them if
+    there are at most k), holding only the sample (reservoir sampling, Vitter's algorithm R);
+    and the number of stories seen."""
+    rng, picked, n = random.Random(seed), [], 0
+    for n, s in enumerate(stories, 1):
+        if n <= k:
+            picked.append((n, s))
+        elif (j := rng.randrange(n)) < k:
+            picked[j] = (n, s)
+    return [s for _, s in sorted(picked)], n
+
+
+def train_tokenizer(stories, model_prefix, vocab_size, tokenizer='bpe'):
+    """Train SentencePiece on the stories (a sample: sample_stories); returns the .model path.
     The options make decode(encode(story)) == story exactly, for any text."""
     check_vocab(vocab_size, tokenizer)
-    picked = random.Random(seed).sample(range(len(stories)), min(sample, len(stories)))
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=(stories[i] for i in sorted(picked)), model_prefix=model_prefix,
+            sentence_iterator=iter(stories), model_prefix=model_prefix,
             vocab_size=vocab_size, model_type=tokenizer,
             # Exact round trip: no normalization, spaces kept as they are, and any character the
             # vocabulary lacks ('\n' included, if it were rare) falls back to its UTF-8 bytes
@@ -248,46 +297,44 @@ def _load_model(path):
 
 
 def _encode_chunk(stories):
+    """(stories, UTF-8 bytes, BOS + ids + EOS of each as one uint16 array) of a list of stories."""
     ids = _sp.encode(stories, add_bos=True, add_eos=True, num_threads=1)
     flat = itertools.chain.from_iterable(ids)
-    return len(stories), np.fromiter(flat, dtype=np.uint16, count=sum(map(len, ids)))
+    return (len(stories), sum(len(s.encode('utf-8')) for s in stories),
+            np.fromiter(flat, dtype=np.uint16, count=sum(map(len, ids))))
 
 
 def write_bin(stories, sp_model_path, out_path, num_proc):
-    """Write BOS + ids + EOS of every story to out_path as uint16; returns (n_tokens, n_bytes).
-    Streams into a memmap of out_path + '.tmp', renamed only when complete."""
-    n_bytes = sum(len(s.encode('utf-8')) for s in stories)
-    # Every piece covers at least one byte of text, except the dummy prefix '▁' and BOS/EOS:
-    # so bytes + 3 per story bounds the number of tokens, and the file is cut to size after.
-    bound = n_bytes + 3 * len(stories)
+    """Write BOS + ids + EOS of every story of the iterable to out_path as uint16; returns
+    (stories, tokens, bytes). Chunks of stories stream to num_proc processes, a bounded number
+    in flight, and their ids are appended in order to out_path + '.tmp', renamed when complete."""
+    chunks = iter(lambda: list(itertools.islice(stories, CHUNK)), [])
     tmp = out_path + '.tmp'
-    arr = np.memmap(tmp, dtype=np.uint16, mode='w+', shape=(max(bound, 1),))
-    chunks = (stories[i:i + CHUNK] for i in range(0, len(stories), CHUNK))
-    n, pool = 0, None
+    totals, pool = np.zeros(3, dtype=np.int64), None
     try:
-        if num_proc > 1:
-            import multiprocessing
-            pool = multiprocessing.Pool(num_proc, initializer=_load_model,
-                                        initargs=(sp_model_path,))
-            results = pool.imap(_encode_chunk, chunks)  # in order, a few chunks ahead
-        else:
-            _load_model(sp_model_path)
-            results = map(_encode_chunk, chunks)
-        with tqdm(total=len(stories), unit='stories', desc=os.path.basename(out_path),
-                  disable=None, leave=False) as bar:
-            for count, ids in results:
-                if n + len(ids) > bound:
-                    raise RuntimeError(f"token bound exceeded writing {out_path}")
-                arr[n:n + len(ids)] = ids
-                n += len(ids)
+        with open(tmp, 'wb') as f, tqdm(unit='stories', desc=os.path.basename(out_path),
+                                        disable=None, leave=False) as bar:
+            def write(count, n_bytes, ids):
+                f.write(ids.tobytes())
+                totals[:] += (count, len(ids), n_bytes)
                 bar.update(count)
-        if pool:
-            pool.close()
-            pool.join()
-        arr.flush()
-        del arr
-        os.truncate(tmp, 2 * n)
-        with open(tmp, 'rb+') as f:
+            if num_proc > 1:
+                import multiprocessing
+                pool = multiprocessing.Pool(num_proc, initializer=_load_model, initargs=(sp_model_path,))
+                pending = collections.deque()  # in order, at most 2 chunks a process ahead
+                for chunk in chunks:
+                    pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+                    if len(pending) >= 2 * num_proc:
+                        write(*pending.popleft().get())
+                while pending:
+                    write(*pending.popleft().get())
+                pool.close()
+                pool.join()
+            else:
+                _load_model(sp_model_path)
+                for chunk in chunks:
+                    write(*_encode_chunk(chunk))
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out_path)
     finally:
@@ -295,7 +342,7 @@ def write_bin(stories, sp_model_path, out_path, num_proc):
             pool.terminate()
         if os.path.exists(tmp):  # failed or interrupted: leave nothing that looks complete
             os.remove(tmp)
-    return n, n_bytes
+    return tuple(int(x) for x in totals)
 
 
 def write_json(obj, path):
@@ -316,26 +363,25 @@ def main():
     if note:
         print(note)
     val, test = split_val_test(val)
-    print(f"{len(train):,} training, {len(val):,} validation and {len(test):,} test stories "
-          f"from {source} ({time.time() - t0:.1f}s)")
     d = tok_dir(data_dir, vocab_size, tokenizer)
     os.makedirs(d, exist_ok=True)
     # Everything is built under 'new.' names first, so a complete directory from an earlier run
     # stays usable until the swap at the end; a crash leaves no train.bin or meta.json behind.
     new = lambda name: os.path.join(d, 'new.' + name)
     t = time.time()
-    model = train_tokenizer(train, new('tokenizer'), vocab_size, tokenizer, vocab_sample)
+    picked, n_train = sample_stories(train(), vocab_sample)
+    model = train_tokenizer(picked, new('tokenizer'), vocab_size, tokenizer)
+    del picked
     sp = spm.SentencePieceProcessor(model_file=model)
     print(f"trained a {tokenizer} tokenizer of {sp.get_piece_size()} ids on "
-          f"{min(vocab_sample, len(train)):,} stories ({time.time() - t:.1f}s)")
+          f"{min(vocab_sample, n_train):,} of {n_train:,} training stories ({time.time() - t:.1f}s)")
     counts = {}
     for split, stories in zip(SPLITS, (train, val, test)):
         t = time.time()
-        tokens, nbytes = write_bin(stories, model, new(f'{split}.bin'), procs)
-        counts.update({f'{split}_tokens': tokens, f'{split}_bytes': nbytes,
-                       f'{split}_stories': len(stories)})
+        n, tokens, nbytes = write_bin(stories(), model, new(f'{split}.bin'), procs)
+        counts.update({f'{split}_tokens': tokens, f'{split}_bytes': nbytes, f'{split}_stories': n})
         dt = max(time.time() - t, 1e-6)
-        print(f"{split}: {tokens:,} tokens, {nbytes / tokens:.2f} bytes/token "
+        print(f"{split}: {n:,} stories, {tokens:,} tokens, {nbytes / tokens:.2f} bytes/token "
               f"({dt:.1f}s, {nbytes / 1e6 / dt:.1f} MB/s)")
     if os.path.exists(os.path.join(d, 'meta.json')):
         os.remove(os.path.join(d, 'meta.json'))  # the old set is incomplete from here on

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -113,28 +112,34 @@ def test_exact_round_trip_whole_corpus(prepared):
 
 def test_write_bin_in_process_matches_pool(prepared, stories, tmp_path):
     model = str(prepared[0] / 'tokenizer.model')
-    n1 = prepare.write_bin(stories[0], model, str(tmp_path / 'a.bin'), 1)
-    n2 = prepare.write_bin(stories[0], model, str(tmp_path / 'b.bin'), 2)
-    assert n1 == n2 and (tmp_path / 'a.bin').read_bytes() == (tmp_path / 'b.bin').read_bytes()
+    n1 = prepare.write_bin(iter(stories[0]), model, str(tmp_path / 'a.bin'), 1)
+    n2 = prepare.write_bin(iter(stories[0]), model, str(tmp_path / 'b.bin'), 2)
+    assert n1 == n2 and n1[0] == N_TRAIN and n1[2] == sum(len(s.encode()) for s in stories[0])
+    assert (tmp_path / 'a.bin').read_bytes() == (tmp_path / 'b.bin').read_bytes()
     assert sorted(os.listdir(tmp_path)) == ['a.bin', 'b.bin']  # no .tmp left
 
 
 # ---------------------------------------------------------------------------- 3: local formats
+def splits_of(source):
+    train, val, note = prepare.find_splits(str(source))
+    return list(train()), list(val()), note
+
+
 def test_local_formats(tmp_path, src_dir, stories):
     train, val = stories
-    assert prepare.find_splits(str(src_dir)) == (train, val, None)
+    assert splits_of(src_dir) == (train, val, None)
 
     d = tmp_path / 'jsonl'
     d.mkdir()
     for name, st in (('train.jsonl', train), ('valid.jsonl', val)):
         (d / name).write_text(''.join(json.dumps({'text': s}) + '\n' for s in st), 'utf-8')
-    assert prepare.find_splits(str(d)) == (train, val, None)
+    assert splits_of(d) == (train, val, None)
 
     d = tmp_path / 'json'  # a list of objects, and an object per line
     d.mkdir()
     (d / 'TinyStories-train.json').write_text(json.dumps([{'text': s + '\n'} for s in train]))
     (d / 'TinyStories-validation.json').write_text('\n'.join(json.dumps({'text': s}) for s in val))
-    assert prepare.find_splits(str(d)) == (train, val, None)
+    assert splits_of(d) == (train, val, None)
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -142,27 +147,28 @@ def test_local_formats(tmp_path, src_dir, stories):
     d.mkdir()
     pq.write_table(pa.table({'text': train}), d / 'train-00000-of-00001.parquet')
     pq.write_table(pa.table({'text': val}), d / 'validation-00000-of-00001.parquet')
-    assert prepare.find_splits(str(d)) == (train, val, None)
+    assert splits_of(d) == (train, val, None)
 
     d = tmp_path / 'unnamed'  # no file named 'train': all non-validation files are train
     d.mkdir()
     write_txt(d / 'a.txt', train[:100])
     write_txt(d / 'b.txt', train[100:])
     write_txt(d / 'val.txt', val)
-    assert prepare.find_splits(str(d)) == (train, val, None)
+    assert splits_of(d) == (train, val, None)
 
 
 def test_single_file_carves_validation(tmp_path, src_dir, stories):
     train = stories[0]
-    n = max(2, int(len(train) * 0.01))
-    tr, va, note = prepare.find_splits(str(src_dir / 'train.txt'))
-    assert (tr, va) == (train[:-n], train[-n:]) and 'no validation split' in note
+    tr, va, note = splits_of(src_dir / 'train.txt')  # val_fraction 0.01: every 100th story
+    assert (tr, va) == ([s for i, s in enumerate(train) if i % 100 != 99], train[99::100])
+    assert 'no validation split' in note and 'every 100th' in note
     r = run(f'--source={src_dir / "train.txt"}', f'--data_dir={tmp_path}', f'--vocab_size={VOCAB}',
-            cwd=tmp_path)
+            '--val_fraction=0.1', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert 'no validation split' in r.stdout
-    assert decode_bin(tmp_path / f'tok{VOCAB}', 'val') == train[-n:][0::2]
-    assert decode_bin(tmp_path / f'tok{VOCAB}', 'test') == train[-n:][1::2]
+    d = tmp_path / f'tok{VOCAB}'
+    assert decode_bin(d, 'train') == [s for i, s in enumerate(train) if i % 10 != 9]
+    assert decode_bin(d, 'val') == train[9::10][0::2] and decode_bin(d, 'test') == train[9::10][1::2]
 
 
 def test_read_txt_details(tmp_path):
@@ -211,12 +217,31 @@ def test_errors(tmp_path, src_dir, case):
     assert not (tmp_path / 'data').exists()
 
 
+def test_a_local_copy_of_the_hub_dataset_goes_through_datasets(tmp_path, stories):
+    """A folder laid out as the hub's roneneldan/TinyStories (data/ with parquet shards of a
+    'text' column, train and validation) is read by datasets.load_dataset, the hub's own path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    hub = tmp_path / 'TinyStories'
+    (hub / 'data').mkdir(parents=True)
+    train, val = stories
+    pq.write_table(pa.table({'text': train[:120]}), hub / 'data' / 'train-00000-of-00002.parquet')
+    pq.write_table(pa.table({'text': train[120:]}), hub / 'data' / 'train-00001-of-00002.parquet')
+    pq.write_table(pa.table({'text': val}), hub / 'data' / 'validation-00000-of-00001.parquet')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
+    r = run(f'--source={hub}', f'--data_dir={tmp_path / "data"}', f'--vocab_size={VOCAB}',
+            '--num_proc=2', cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    d = tmp_path / 'data' / f'tok{VOCAB}'
+    for split, st in splits(stories).items():
+        assert decode_bin(d, split) == st
+    assert (tmp_path / 'hf').exists()  # datasets read it (its cache), not prepare's own readers
+
+
 def test_hub_unreachable(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1',
                HF_HOME=str(tmp_path / 'hf'))
-    t = time.time()
     r = run(f'--data_dir={tmp_path / "data"}', '--vocab_size=512', cwd=tmp_path, env=env)
-    assert time.time() - t < 30
     assert r.returncode == 1 and 'Traceback' not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('prepare.py: error:'), r.stderr
