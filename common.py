@@ -15,9 +15,9 @@ import time
 
 
 def die(msg):
-    """Stop with one clear line on stderr, no traceback, exit status 1. Under torchrun only
-    rank 0 prints it: one line, not one per process."""
-    if os.environ.get('RANK', '0') == '0':
+    """Stop with one clear line on stderr, no traceback, exit status 1. Under torchrun the first
+    process of each machine prints it: one line per machine, not one per process."""
+    if os.environ.get('LOCAL_RANK', '0') == '0':
         print(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {msg}", file=sys.stderr)
     sys.exit(1)
 

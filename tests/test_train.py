@@ -306,3 +306,9 @@ def test_sample_start_from_file(trained, tmp_path):
     (tmp_path / 'p.txt').write_text('Tom had a red ball.', encoding='utf-8')
     p = run('sample.py', f'--out_dir={trained}', f'--start=FILE:{tmp_path}/p.txt', '--max_new_tokens=5')
     assert p.stdout.startswith('Tom had a red ball.')
+
+
+def test_sample_start_text_is_taken_as_given(trained):
+    for text in ('none', '1e3', 'True'):
+        p = run('sample.py', f'--out_dir={trained}', '--start', text, '--max_new_tokens=3')
+        assert p.stdout.startswith(text), p.stdout
