@@ -166,8 +166,9 @@ def find_splits(source, val_fraction=0.01):
             raise ValueError(f"no {'/'.join(EXTENSIONS)} files in directory {source}")
         named_train = any('train' in f.lower() for f in files)
         is_val = lambda f: 'val' in f.lower() and 'train' not in f.lower()  # valid, validation
-        train_files = [os.path.join(source, f) for f in files if not is_val(f) and ('train' in f.lower() or not named_train)]
         val_files = [os.path.join(source, f) for f in files if is_val(f)]
+        train_files = [os.path.join(source, f) for f in files  # no 'train' names: the rest is train
+                       if not is_val(f) and ('train' in f.lower() or not named_train)]
         train = lambda: itertools.chain.from_iterable(map(iter_stories, train_files))
         if val_files:
             val = lambda: itertools.chain.from_iterable(map(iter_stories, val_files))
@@ -187,8 +188,11 @@ def find_splits_of(ds, source, val_fraction):
 
 
 def checked_splits(train, val, source, val_fraction):
+    """find_splits' result, validation carved from train where there is none, and checked."""
     note = None
     if val is None:
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"--val_fraction={val_fraction} must be in (0, 1)")
         k, every = max(2, round(1 / val_fraction)), train
         train = lambda: (s for i, s in enumerate(every()) if i % k != k - 1)
         val = lambda: itertools.islice(every(), k - 1, None, k)
