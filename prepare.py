@@ -194,6 +194,8 @@ def checked_splits(train, val, source, val_fraction):
         if not 0 < val_fraction < 1:
             raise ValueError(f"--val_fraction={val_fraction} must be in (0, 1)")
         k, every = max(2, round(1 / val_fraction)), train
+        if len(list(itertools.islice(every(), 2 * k))) < 2 * k:  # small: still 2 validation stories
+            k = max(2, sum(1 for _ in every()) // 2)
         train = lambda: (s for i, s in enumerate(every()) if i % k != k - 1)
         val = lambda: itertools.islice(every(), k - 1, None, k)
         note = (f"{source} has no validation split: every {k}th story is validation or test "
