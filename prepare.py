@@ -30,7 +30,7 @@ source = 'roneneldan/TinyStories'  # a hub dataset; an existing file or director
 data_dir = 'data'
 vocab_size = 4096       # what config/tinystories_cpu.py uses; see docs/tuning.md
 tokenizer = 'bpe'       # 'bpe' or 'char'
-vocab_sample = 200_000  # stories used to train the tokenizer (a fixed random sample)
+vocab_sample = 100_000  # stories the tokenizer trains on (a fixed random sample: ~1M sentences)
 num_proc = 0            # tokenizing processes; 0 = os.cpu_count()
 val_fraction = 0.01     # share of train carved off as validation when the source has none
 # -----------------------------------------------------------------------------
