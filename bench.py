@@ -4,6 +4,7 @@ Measure speed and memory honestly, on this machine: training steps, prefill and 
 $ python bench.py                          # the 20M and the CPU config's models, random weights
 $ python bench.py --quantize=int8          # the same with a variant: --ipex, --compile, --dtype
 $ python bench.py --profile=True           # where a decoding step's time goes
+$ python bench.py --llamacpp=True          # llama.cpp beside it, on the same model exported to GGUF
 $ python bench.py --json=True              # one JSON object per result, after the text
 Quality is eval.py's job: python eval.py (bits per byte on the held-out test split).
 """
@@ -45,6 +46,7 @@ dtype = 'float32'        # 'bfloat16' measures autocast training and bf16 genera
 device = 'cpu'
 threads = 0              # 0 = PyTorch's default (the physical cores)
 profile = False          # write a torch.profiler trace of decoding to out_dir, print the top ops
+llamacpp = False         # also decode with llama.cpp (f32 and q8_0), alternating with ours
 json_out = False         # alias of --json
 # -----------------------------------------------------------------------------
 if any(a.startswith('--json') for a in sys.argv[1:]):  # 'json' would shadow the module
@@ -198,6 +200,47 @@ def bench_generate(name, model, plain=None):
                    kv_cache_speedup=round(speed['top-p'] / speed['recompute'], 2))
 
 
+def placeholder_tokenizer(vocab_size):
+    """A SentencePiece model of vocab_size pieces (special, 256 bytes, then placeholders): what
+    a GGUF file needs beside random weights."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    m = pb.ModelProto()
+    t = pb.ModelProto.SentencePiece
+    pieces = [('<unk>', t.UNKNOWN), ('<s>', t.CONTROL), ('</s>', t.CONTROL)]
+    pieces += [(f'<0x{b:02X}>', t.BYTE) for b in range(256)]
+    pieces += [(f'▁w{i}', t.NORMAL) for i in range(vocab_size - len(pieces))]
+    for i, (piece, kind) in enumerate(pieces):
+        m.pieces.add(piece=piece, score=-float(i), type=kind)
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.byte_fallback = True
+    return m.SerializeToString()
+
+
+def bench_llamacpp(name, ckpt, model):
+    """llama.cpp's prefill and batch-1 decoding of the checkpoint (f32 and q8_0, the threads
+    ours use), alternating with ours (`model`, fp32 as sample.py runs it) `rounds` times: medians."""
+    from engines import LlamaCpp
+    engines = {'torch': model}
+    for quant in ('f32', 'q8_0'):
+        t0 = time.perf_counter()
+        engines[f'llama.cpp {quant}'] = LlamaCpp(ckpt, quant)
+        report(f"{name} llama.cpp {quant} export+load", seconds=round(time.perf_counter() - t0, 2))
+    prompt = torch.randint(model.config.vocab_size, (1, prompt_tokens))
+    speeds = {}
+    for _ in range(rounds):
+        for k, engine in engines.items():
+            t0 = time.perf_counter()
+            next(engine.stream(prompt, 1, 1.0, None, top_p))
+            speeds.setdefault(k + ' prefill', []).append(prompt_tokens / (time.perf_counter() - t0))
+            for how, temp in {'top-p': 1.0, 'greedy': 0.0}.items():
+                speeds.setdefault(f'{k} decode {how}', []).append(
+                    decode_speed(engine, prompt[:, :decode_prompt], temp))
+    for k in engines:
+        report(f"{name} {k} b1", prefill_tokens_per_s=round(statistics.median(speeds[k + ' prefill']), 1),
+               **{f'{how}_tokens_per_s': round(statistics.median(speeds[f'{k} decode {how}']), 1)
+                  for how in ('top-p', 'greedy')})
+
+
 def bench_profile(name, model):
     from torch.profiler import profile as prof, ProfilerActivity
     prompt = torch.randint(model.config.vocab_size, (1, prompt_tokens), device=device)
@@ -222,6 +265,9 @@ for name, cfg in model_configs():
     if not skip_train:
         bench_train(name, model)
     model.eval()
+    if llamacpp:  # the weights as a checkpoint holds them, before anything below changes them
+        ckpt = {'model': copy.deepcopy(model.state_dict()), 'model_args': dict(cfg, bias=model.config.bias),
+                'tokenizer': placeholder_tokenizer(cfg['vocab_size'])}
     plain = None
     if not skip_generate and (quantize != 'none' or ipex or dtype != 'float32'):
         # the fp32 model as sample.py runs it, decoded in the same run: the honest ratio
@@ -231,6 +277,8 @@ for name, cfg in model_configs():
     gen_model = optimize_for_inference(model, quantize, ipex)
     if not skip_generate:
         bench_generate(name, gen_model, plain)
+    if llamacpp:
+        bench_llamacpp(name, ckpt, gen_model if plain is None else plain)
     if profile:
         bench_profile(name, gen_model)
 if json_out:

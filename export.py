@@ -2,7 +2,8 @@
 Export a trained checkpoint for the tools people already run.
 
 $ python export.py --format=hf                 # out/ckpt.pt -> out/hf/, for Hugging Face transformers
-$ python export.py --format=hf --out=my-model
+$ python export.py --format=gguf               # out/ckpt.pt -> out/model-f32.gguf, for llama.cpp
+$ python export.py --format=gguf --quant=q8_0  # 8-bit weights (also f16)
 
 The hf folder loads anywhere with transformers (pip install transformers), no code of ours:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -10,7 +11,9 @@ The hf folder loads anywhere with transformers (pip install transformers), no co
     tokenizer = AutoTokenizer.from_pretrained('out/hf')
 It is transformers' Starcoder2 architecture, which is this GPT exactly: pre-norm LayerNorm,
 separate q/k/v/o projections, rotary positions on the whole head, a GELU MLP (c_fc, c_proj) and
-the output layer tied to the embedding.
+the output layer tied to the embedding. The gguf file is llama.cpp's starcoder2 architecture
+with the SentencePiece tokenizer inside (pip install gguf to write it):
+    llama-cli -m out/model-f32.gguf -p "Once upon a time"
 """
 import os
 
@@ -21,8 +24,9 @@ from common import configure, die, load_checkpoint
 # -----------------------------------------------------------------------------
 out_dir = 'out'
 ckpt_name = 'ckpt.pt'
-format = 'hf'            # 'hf': a transformers folder (safetensors, config, tokenizer)
-out = ''                 # where to write; '' = out_dir/hf
+format = 'hf'            # 'hf': a transformers folder (safetensors, config, tokenizer); 'gguf': llama.cpp
+out = ''                 # where to write; '' = out_dir/hf or out_dir/model-{quant}.gguf
+quant = 'f32'            # gguf weights: 'f32', 'f16' or 'q8_0' (norms and biases stay f32)
 # -----------------------------------------------------------------------------
 
 
@@ -32,6 +36,14 @@ def rotate_half_order(w, n_head):
     (x0, x_{d/2}), ...): the same rotation, so q.k is unchanged."""
     hd = w.size(0) // n_head
     return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def model_args(ckpt, fmt):
+    """The checkpoint's model arguments, if the format's architecture holds the model."""
+    args = ckpt['model_args']
+    if args.get('pos_emb', 'rope') != 'rope':
+        die(f"--format={fmt} exports RoPE models only; this one has pos_emb={args['pos_emb']!r}")
+    return args
 
 
 def hf_state(sd, args):
@@ -75,9 +87,7 @@ def export_hf(ckpt, path):
         die("--format=hf needs transformers, safetensors and protobuf: "
             "pip install transformers safetensors protobuf")
     import sentencepiece as spm
-    args = ckpt['model_args']
-    if args.get('pos_emb', 'rope') != 'rope':
-        die(f"--format=hf exports RoPE models only; this one has pos_emb={args['pos_emb']!r}")
+    args = model_args(ckpt, 'hf')
     sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
     cfg = Starcoder2Config(
         vocab_size=args['vocab_size'], hidden_size=args['n_embd'], intermediate_size=4 * args['n_embd'],
@@ -108,9 +118,85 @@ def export_hf(ckpt, path):
     print(f"wrote {path}: a Starcoder2ForCausalLM model and its tokenizer for transformers")
 
 
+def export_gguf(ckpt, path, quant='f32'):
+    """The model as llama.cpp's starcoder2 architecture (the graph of hf_state's Starcoder2),
+    its SentencePiece tokenizer inside, in one .gguf file."""
+    try:
+        import gguf
+    except ImportError:
+        die("--format=gguf needs the gguf package: pip install gguf")
+    import numpy as np
+    import sentencepiece as spm
+    if quant not in ('f32', 'f16', 'q8_0'):
+        die(f"bad value quant={quant!r}: use 'f32', 'f16' or 'q8_0'")
+    args = model_args(ckpt, 'gguf')
+    sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
+    C, V = args['n_embd'], args['vocab_size']
+    w = gguf.GGUFWriter(path, 'starcoder2')
+    w.add_name(os.path.splitext(os.path.basename(path))[0])
+    w.add_context_length(args['block_size'])
+    w.add_embedding_length(C)
+    w.add_block_count(args['n_layer'])
+    w.add_feed_forward_length(4 * C)
+    w.add_head_count(args['n_head'])
+    w.add_head_count_kv(args['n_head'])
+    w.add_layer_norm_eps(1e-5)
+    w.add_rope_freq_base(args.get('rope_theta', 10000.0))
+    w.add_rope_dimension_count(C // args['n_head'])
+    qtype = {'f32': gguf.GGMLQuantizationType.F32, 'f16': gguf.GGMLQuantizationType.F16,
+             'q8_0': gguf.GGMLQuantizationType.Q8_0}[quant]
+    w.add_file_type({'f32': gguf.LlamaFileType.ALL_F32, 'f16': gguf.LlamaFileType.MOSTLY_F16,
+                     'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
+    # SentencePiece's own model: llama.cpp's 'llama' tokenizer is SentencePiece's algorithm
+    # (scores, byte fallback, the leading-space marker); a char tokenizer with fewer pieces than
+    # the embedding has rows gets unused placeholders
+    kind = lambda i: (gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL
+                      if sp.is_control(i) else gguf.TokenType.BYTE if sp.is_byte(i) else
+                      gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.NORMAL)
+    n = sp.get_piece_size()
+    w.add_tokenizer_model('llama')
+    w.add_tokenizer_pre('default')
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)] + [f'[PAD{i}]' for i in range(n, V)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)] + [-1e4] * (V - n))
+    w.add_token_types([kind(i) for i in range(n)] + [gguf.TokenType.UNUSED] * (V - n))
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_add_bos_token(True)  # a story starts with its begin-of-story token
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(True)
+    # llama.cpp's names for Starcoder2's tensors; its starcoder2 graph requires every bias
+    names = {'model.embed_tokens': 'token_embd', 'model.norm': 'output_norm'}
+    layer = {'input_layernorm': 'attn_norm', 'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
+             'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
+             'post_attention_layernorm': 'ffn_norm', 'mlp.c_fc': 'ffn_up', 'mlp.c_proj': 'ffn_down'}
+    for i in range(args['n_layer']):
+        names.update({f'model.layers.{i}.{k}': f'blk.{i}.{v}' for k, v in layer.items()})
+    state = hf_state(ckpt['model'], args)
+    for k, t in list(state.items()):
+        if k.endswith('_proj.weight') or k.endswith('c_fc.weight') or k.endswith('c_proj.weight'):
+            state.setdefault(k[:-len('weight')] + 'bias', torch.zeros(t.size(0)))
+    for k, t in state.items():
+        module, kind_ = k.rsplit('.', 1)
+        a = t.numpy()
+        # 1-d tensors stay f32, as in llama.cpp's own files; q8_0 packs rows in blocks of 32
+        q = qtype if a.ndim == 2 and not (qtype == gguf.GGMLQuantizationType.Q8_0 and a.shape[1] % 32) \
+            else gguf.GGMLQuantizationType.F32
+        w.add_tensor(f'{names[module]}.{kind_}', gguf.quants.quantize(a, q), raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 if __name__ == '__main__':
     configure(globals())
-    if format not in ('hf',):
-        die(f"bad value format={format!r}: use 'hf'")
+    if format not in ('hf', 'gguf'):
+        die(f"bad value format={format!r}: use 'hf' or 'gguf'")
     ckpt = load_checkpoint(os.path.join(out_dir, ckpt_name))
-    export_hf(ckpt, out or os.path.join(out_dir, 'hf'))
+    if format == 'hf':
+        export_hf(ckpt, out or os.path.join(out_dir, 'hf'))
+    else:
+        path = out or os.path.join(out_dir, f'model-{quant}.gguf')
+        export_gguf(ckpt, path, quant)
+        print(f"wrote {path}: llama.cpp's starcoder2 architecture, {quant} weights, and its tokenizer")

@@ -30,6 +30,7 @@ dtype = 'auto'
 quantize = 'none'        # 'int8': dynamic int8 quantization of the Linear layers (CPU)
 ipex = False             # intel_extension_for_pytorch.optimize on the model
 threads = 0              # CPU threads; 0 = PyTorch's default
+engine = 'torch'         # 'llamacpp': decode with llama.cpp (the checkpoint exported to GGUF on the fly)
 # -----------------------------------------------------------------------------
 configure(globals())
 # -----------------------------------------------------------------------------
@@ -44,6 +45,8 @@ if num_samples < 1 or max_new_tokens < 0:
     die("num_samples must be ≥ 1 and max_new_tokens ≥ 0")
 if quantize not in ('none', 'int8'):
     die(f"bad value quantize={quantize!r}: use 'none' or 'int8'")
+if engine not in ('torch', 'llamacpp'):
+    die(f"bad value engine={engine!r}: use 'torch' or 'llamacpp'")
 if greedy:
     temperature = 0.0
 if start.startswith('FILE:'):
@@ -56,17 +59,22 @@ if start.startswith('FILE:'):
 if threads:
     torch.set_num_threads(threads)
 torch.manual_seed(seed)
-device = pick_device(device, quantize)
-dtype = pick_dtype(dtype, device)
 ckpt_path = os.path.join(out_dir, ckpt_name)
 ckpt = load_checkpoint(ckpt_path)
-model = model_from_checkpoint(ckpt, ckpt_path)
 sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
 bos, eos = sp.bos_id(), sp.eos_id()
-model.eval().to(device)
-if dtype != 'float32':
-    model.to(getattr(torch, dtype))
-model = optimize_for_inference(model, quantize, ipex)
+if engine == 'llamacpp':  # on the CPU; int8 is llama.cpp's own 8-bit format
+    from engines import LlamaCpp
+    model = LlamaCpp(ckpt, 'q8_0' if quantize == 'int8' else 'f32', threads)
+    device = 'cpu'
+else:
+    device = pick_device(device, quantize)
+    dtype = pick_dtype(dtype, device)
+    model = model_from_checkpoint(ckpt, ckpt_path)
+    model.eval().to(device)
+    if dtype != 'float32':
+        model.to(getattr(torch, dtype))
+    model = optimize_for_inference(model, quantize, ipex)
 
 # a story starts with its begin-of-story token; SentencePiece adds the leading-space marker
 prompt = [bos] + (sp.encode(start) if start else [])
