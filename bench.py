@@ -23,7 +23,7 @@ from inference import optimize_for_inference
 from model import GPT, GPTConfig, sample
 
 # -----------------------------------------------------------------------------
-models = '20m,cpu'       # which models to time: config/tinystories_20m.py's, config/tinystories_cpu.py's
+models = '20m,cpu'       # the models of config/tinystories_{name}.py to time (20m, cpu, cpu_small)
 batch_size = 8           # training batch (sequences) and the larger generation batch
 block_size = 0           # training context; 0 = the model's
 train_iters = 5          # timed training iterations (the median is reported) after one warm-up
@@ -76,8 +76,9 @@ def model_configs():
     out = []
     for name in [m for m in models.split(',') if m]:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'tinystories_{name}.py')
-        if name not in ('20m', 'cpu'):
-            die(f"unknown model '{name}' in models: use 20m, cpu or both (20m,cpu)")
+        if not os.path.isfile(path):
+            die(f"unknown model '{name}' in models: no {path}; use names of config/tinystories_*.py "
+                "such as 20m,cpu,cpu_small")
         cfg = {}
         exec(open(path).read(), cfg)
         out.append((name, {k: cfg[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')}))

@@ -244,8 +244,18 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 peak = peak_flops(device, 'float32' if device_type == 'cpu' else dtype) if master else 0.0
+tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
 log(f"{raw_model.get_num_params():,} parameters; device {device} {dtype}; {world_size} process(es); "
-    f"{meta['train_tokens']:,} train tokens; {batch_size * block_size * gradient_accumulation_steps:,} tokens/iter")
+    f"{meta['train_tokens']:,} train tokens; {tokens_per_iter:,} tokens/iter")
+# Regularisation fits how often the run sees its data: up to about 4 passes, repeated text is
+# worth nearly as much as new (Muennighoff et al. 2023); far beyond, a model memorises it.
+passes = max_iters * tokens_per_iter / meta['train_tokens']
+if passes > 4 and dropout == 0:
+    log(f"note: {max_iters:,} iterations read the training data {passes:.0f} times: a small corpus, "
+        "which this model will memorise without dropout; config/tinystories_cpu_small.py is the recipe for it")
+elif 0 < passes < 1 and dropout > 0:
+    log(f"note: {max_iters:,} iterations read {passes:.0%} of the training data: nothing repeats, so "
+        "dropout only slows learning; config/tinystories_cpu.py is the recipe for the full dataset")
 
 
 @torch.no_grad()
@@ -399,11 +409,10 @@ while True:
     if iter_num % log_interval == 0 and master:
         dt = (time.time() - t0) / iters_timed
         t0, iters_timed = time.time(), 0
-        tokens = batch_size * block_size * gradient_accumulation_steps
-        mfu = raw_model.estimate_mfu(tokens, dt, peak * world_size, block_size)
+        mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak * world_size, block_size)
         eta = dt * (max_iters - iter_num)
         log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-            f"{tokens / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {int(eta // 60)}m{int(eta % 60):02d}s")
+            f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {int(eta // 60)}m{int(eta % 60):02d}s")
 
 # ---------------------------------------------------------------------------- the result
 if agree(SAVE_FAILED * bool(save_error)):  # the last evaluation's checkpoint was not written

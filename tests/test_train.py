@@ -179,6 +179,20 @@ def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
     assert f'resuming from iteration {it}' in p.stdout
 
 
+def test_a_run_says_when_its_regularisation_does_not_fit_its_data(data_dir, tmp_path):
+    """Dropout on a run that sees its data less than once, none on one that reads it over and
+    over: one line naming the recipe that fits (the test slice holds ~93k training tokens)."""
+    small = 'config/tinystories_cpu_small.py is the recipe for it'
+    full = 'config/tinystories_cpu.py is the recipe for the full dataset'
+    p = train(data_dir, tmp_path / 'once', '--max_iters=2', '--eval_interval=2')  # dropout 0.1
+    assert full in p.stdout and small not in p.stdout
+    p = train(data_dir, tmp_path / 'often', '--max_iters=250', '--eval_interval=250', '--dropout=0',
+              '--batch_size=64')  # 250 x 64 x 32 tokens: ~5 passes of ~93k
+    assert small in p.stdout and full not in p.stdout
+    p = train(data_dir, tmp_path / 'fits', '--max_iters=150', '--eval_interval=150', '--batch_size=64')
+    assert small not in p.stdout and full not in p.stdout
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
     out = tmp_path / 'run'
     p = train(data_dir, out, '--max_iters=50', '--eval_interval=5', '--learning_rate=1e6',
