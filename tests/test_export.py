@@ -133,3 +133,20 @@ def test_export_refuses_what_transformers_cannot_hold(data_dir, tmp_path):
     one_error_line(run('export.py', f'--out_dir={out}', '--format=gguf', ok=False), 'RoPE', "pos_emb='learned'")
     one_error_line(run('export.py', f'--out_dir={tmp_path}', '--format=gguf', ok=False), 'no checkpoint')
     one_error_line(run('export.py', f'--out_dir={out}', '--format=gguf', '--quant=q4', ok=False), 'quant')
+
+
+def test_the_readme_python_snippets_run_as_written(exported, tmp_path):
+    """Every ```python block of README.md, run as a user would, beside an out/ that holds a
+    checkpoint and its exports."""
+    import re
+    import subprocess
+    import sys
+    from conftest import ROOT
+    blocks = re.findall(r'```python\n(.*?)```', (ROOT / 'README.md').read_text(), re.S)
+    assert len(blocks) >= 3
+    (tmp_path / 'out').symlink_to(exported)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE='1')
+    for code in blocks:
+        p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0 and len(p.stdout.split()) >= 20, code + p.stderr
