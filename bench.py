@@ -4,7 +4,7 @@ Measure speed and memory honestly, on this machine: training steps, prefill and 
 $ python bench.py                          # the 20M and the CPU config's models, random weights
 $ python bench.py --quantize=int8          # the same with a variant: --ipex, --compile, --dtype
 $ python bench.py --profile=True           # where a decoding step's time goes
-$ python bench.py --llamacpp=True          # llama.cpp beside it, on the same model exported to GGUF
+$ python bench.py --engine=llamacpp        # llama.cpp beside PyTorch, on the same model exported to GGUF
 $ python bench.py --json=True              # one JSON object per result, after the text
 Quality is eval.py's job: python eval.py (bits per byte on the held-out test split).
 """
@@ -46,7 +46,7 @@ dtype = 'float32'        # 'bfloat16' measures autocast training and bf16 genera
 device = 'cpu'
 threads = 0              # 0 = PyTorch's default (the physical cores)
 profile = False          # write a torch.profiler trace of decoding to out_dir, print the top ops
-llamacpp = False         # also decode with llama.cpp (f32 and q8_0), alternating with ours
+engine = 'torch'         # 'llamacpp': also decode with llama.cpp (f32 and q8_0), alternating with PyTorch
 json_out = False         # alias of --json
 # -----------------------------------------------------------------------------
 if any(a.startswith('--json') for a in sys.argv[1:]):  # 'json' would shadow the module
@@ -55,6 +55,8 @@ configure(globals())
 # -----------------------------------------------------------------------------
 if quantize not in ('none', 'int8'):
     die(f"bad value quantize={quantize!r}: use 'none' or 'int8'")
+if engine not in ('torch', 'llamacpp'):
+    die(f"bad value engine={engine!r}: use 'torch' or 'llamacpp'")
 if rounds < 1:
     die(f"bad value rounds={rounds}: use 1 or more")
 if threads:
@@ -266,7 +268,7 @@ for name, cfg in model_configs():
     if not skip_train:
         bench_train(name, model)
     model.eval()
-    if llamacpp:  # the weights as a checkpoint holds them, before anything below changes them
+    if engine == 'llamacpp':  # the weights as a checkpoint holds them, before anything below changes them
         ckpt = {'model': copy.deepcopy(model.state_dict()), 'model_args': dict(cfg, bias=model.config.bias),
                 'tokenizer': placeholder_tokenizer(cfg['vocab_size'])}
     plain = None
@@ -278,7 +280,7 @@ for name, cfg in model_configs():
     gen_model = optimize_for_inference(model, quantize, ipex)
     if not skip_generate:
         bench_generate(name, gen_model, plain)
-    if llamacpp:
+    if engine == 'llamacpp':
         bench_llamacpp(name, ckpt, gen_model if plain is None else plain)
     if profile:
         bench_profile(name, gen_model)

@@ -36,3 +36,17 @@ def test_int8_report_has_the_fp32_ratio():
 def test_bad_rounds_is_one_clear_line():
     p = run('bench.py', '--rounds=0', ok=False)
     assert p.returncode == 1 and p.stderr.count('\n') == 1 and 'rounds=0' in p.stderr
+
+
+def test_llama_cpp_rows_beside_pytorch():
+    rows = bench_json('--models=cpu', '--skip_train=True', '--engine=llamacpp', '--max_new_tokens=8',
+                      '--prompt_tokens=16', '--decode_prompt=4', '--batch_size=2', '--rounds=1')
+    for engine in ('torch', 'llama.cpp f32', 'llama.cpp q8_0'):
+        r = next(r for r in rows if r['name'] == f'cpu {engine} b1')
+        assert r['prefill_tokens_per_s'] > 0 and r['greedy_tokens_per_s'] > 0 and r['top-p_tokens_per_s'] > 0
+
+
+def test_bad_engine_or_model_is_one_clear_line():
+    for arg, word in (('--engine=vllm', 'engine'), ('--models=huge', 'huge')):
+        p = run('bench.py', arg, ok=False)
+        assert p.returncode == 1 and p.stderr.count('\n') == 1 and word in p.stderr, p.stderr
