@@ -4,7 +4,7 @@ Measure speed and memory honestly, on this machine: training steps, prefill and 
 $ python bench.py                          # the 20M and the CPU config's models, random weights
 $ python bench.py --quantize=int8          # the same with a variant: --ipex, --compile, --dtype
 $ python bench.py --profile=True           # where a decoding step's time goes
-$ python bench.py --engine=llamacpp        # llama.cpp beside PyTorch, on the same model exported to GGUF
+$ python bench.py --engine=onnxruntime,openvino,llamacpp  # other engines beside PyTorch, the same model
 $ python bench.py --json=True              # one JSON object per result, after the text
 Quality is eval.py's job: python eval.py (bits per byte on the held-out test split).
 """
@@ -46,7 +46,7 @@ dtype = 'float32'        # 'bfloat16' measures autocast training and bf16 genera
 device = 'cpu'
 threads = 0              # 0 = PyTorch's default (the physical cores)
 profile = False          # write a torch.profiler trace of decoding to out_dir, print the top ops
-engine = 'torch'         # 'llamacpp': also decode with llama.cpp (f32 and q8_0), alternating with PyTorch
+engine = 'torch'         # also decode with these, alternating with PyTorch: onnxruntime,openvino,llamacpp
 json_out = False         # alias of --json
 # -----------------------------------------------------------------------------
 if any(a.startswith('--json') for a in sys.argv[1:]):  # 'json' would shadow the module
@@ -55,8 +55,9 @@ configure(globals())
 # -----------------------------------------------------------------------------
 if quantize not in ('none', 'int8'):
     die(f"bad value quantize={quantize!r}: use 'none' or 'int8'")
-if engine not in ('torch', 'llamacpp'):
-    die(f"bad value engine={engine!r}: use 'torch' or 'llamacpp'")
+engines = [e for e in engine.split(',') if e not in ('', 'torch')]
+if any(e not in ('onnxruntime', 'openvino', 'llamacpp') for e in engines):
+    die(f"bad value engine={engine!r}: use torch or a list of onnxruntime, openvino, llamacpp")
 if rounds < 1:
     die(f"bad value rounds={rounds}: use 1 or more")
 if threads:
@@ -219,29 +220,36 @@ def placeholder_tokenizer(vocab_size):
     return m.SerializeToString()
 
 
-def bench_llamacpp(name, ckpt, model):
-    """llama.cpp's prefill and batch-1 decoding of the checkpoint (f32 and q8_0, the threads
-    ours use), alternating with ours (`model`, fp32 as sample.py runs it) `rounds` times: medians."""
-    from engines import LlamaCpp
-    engines = {'torch': model}
-    for quant in ('f32', 'q8_0'):
-        t0 = time.perf_counter()
-        engines[f'llama.cpp {quant}'] = LlamaCpp(ckpt, quant)
-        report(f"{name} llama.cpp {quant} export+load", seconds=round(time.perf_counter() - t0, 2))
-    prompt = torch.randint(model.config.vocab_size, (1, prompt_tokens))
-    speeds = {}
-    for _ in range(rounds):
-        for k, engine in engines.items():
+def bench_engines(name, ckpt, model):
+    """Each engine's load time (export included), prefill and decoding of the checkpoint, fp32
+    and int8 (llama.cpp: f32 and q8_0; OpenVINO: fp32), at batch 1 and batch_size (llama.cpp: 1),
+    alternating with PyTorch (`model`, fp32 as sample.py runs it) `rounds` times: medians."""
+    from engines import make_engine
+    runners = {'torch': model}
+    for e in engines:
+        for q in ('none', 'int8') if e != 'openvino' else ('none',):
             t0 = time.perf_counter()
-            next(engine.stream(prompt, 1, 1.0, None, top_p))
-            speeds.setdefault(k + ' prefill', []).append(prompt_tokens / (time.perf_counter() - t0))
-            for how, temp in {'top-p': 1.0, 'greedy': 0.0}.items():
-                speeds.setdefault(f'{k} decode {how}', []).append(
-                    decode_speed(engine, prompt[:, :decode_prompt], temp))
-    for k in engines:
-        report(f"{name} {k} b1", prefill_tokens_per_s=round(statistics.median(speeds[k + ' prefill']), 1),
-               **{f'{how}_tokens_per_s': round(statistics.median(speeds[f'{k} decode {how}']), 1)
-                  for how in ('top-p', 'greedy')})
+            runners[f"{e} {'int8' if q == 'int8' else 'fp32'}"] = make_engine(e, ckpt, q)
+            report(f"{name} {e} {q} export+load", seconds=round(time.perf_counter() - t0, 2))
+    for runner in runners.values():  # warm-up
+        list(runner.stream(torch.randint(model.config.vocab_size, (1, decode_prompt)), 4))
+    speeds = {}
+    for B in (1, batch_size):
+        prompt = torch.randint(model.config.vocab_size, (B, prompt_tokens))
+        for _ in range(rounds):
+            for k, runner in runners.items():
+                if B > 1 and k.startswith('llamacpp'):
+                    continue
+                t0 = time.perf_counter()
+                next(runner.stream(prompt, 1, 1.0, None, top_p))
+                speeds.setdefault((k, B, 'prefill'), []).append(B * prompt_tokens / (time.perf_counter() - t0))
+                for how, temp in {'top-p': 1.0, 'greedy': 0.0}.items():
+                    speeds.setdefault((k, B, how), []).append(decode_speed(runner, prompt[:, :decode_prompt], temp))
+    for (k, B, how) in speeds:
+        if how == 'prefill':
+            med = lambda h: round(statistics.median(speeds[(k, B, h)]), 1)
+            report(f"{name} {k} b{B}", prefill_tokens_per_s=med('prefill'),
+                   **{f'{h}_tokens_per_s': med(h) for h in ('top-p', 'greedy')})
 
 
 def bench_profile(name, model):
@@ -268,7 +276,7 @@ for name, cfg in model_configs():
     if not skip_train:
         bench_train(name, model)
     model.eval()
-    if engine == 'llamacpp':  # the weights as a checkpoint holds them, before anything below changes them
+    if engines:  # the weights as a checkpoint holds them, before anything below changes them
         ckpt = {'model': copy.deepcopy(model.state_dict()), 'model_args': dict(cfg, bias=model.config.bias),
                 'tokenizer': placeholder_tokenizer(cfg['vocab_size'])}
     plain = None
@@ -280,8 +288,8 @@ for name, cfg in model_configs():
     gen_model = optimize_for_inference(model, quantize, ipex)
     if not skip_generate:
         bench_generate(name, gen_model, plain)
-    if engine == 'llamacpp':
-        bench_llamacpp(name, ckpt, gen_model if plain is None else plain)
+    if engines:
+        bench_engines(name, ckpt, gen_model if plain is None else plain)
     if profile:
         bench_profile(name, gen_model)
 if json_out:

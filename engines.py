@@ -2,8 +2,12 @@
 Decoding through other inference engines, with model.py's sampler, stop token and context rule,
 so that sample.py (and bench.py) give the same stories whichever engine runs the model.
 
-    engine = LlamaCpp(ckpt, quant='q8_0')   # the checkpoint exported to GGUF, run by llama.cpp
+    engine = make_engine('onnxruntime', ckpt, quantize='int8')
     for token in engine.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token): ...
+
+Each engine gets the checkpoint exported on the fly (export.py's formats) into a temporary
+folder: llama.cpp a GGUF file, ONNX Runtime and OpenVINO an ONNX graph with the key/value cache
+as an input and an output.
 """
 import atexit
 import os
@@ -15,53 +19,144 @@ import torch
 from common import die
 from model import sample
 
-try:  # this module is imported only where an engine is asked for
-    import llama_cpp
-except ImportError:
-    llama_cpp = None
+ENGINES = ('torch', 'onnxruntime', 'openvino', 'llamacpp')
 
 
-class LlamaCpp:
-    """A checkpoint run by llama.cpp (pip install llama-cpp-python): exported to a GGUF file on
-    the fly (export.py's format), loaded into memory, the file removed. One sequence at a time."""
+class Engine:
+    """What an engine provides: start(context) runs the prompts (B, T) from an empty cache,
+    step(tokens) runs one token (B, 1) more; both return the logits (B, vocab) after the last.
+    stream() is model.GPT.stream on top of them."""
+    block_size = 0
 
-    def __init__(self, ckpt, quant='f32', threads=0):
-        if llama_cpp is None:
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
+        context = idx[:, -self.block_size:]
+        logits, pos = self.start(context), context.size(1)
+        done = torch.zeros(idx.size(0), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p)
+            if stop_token is not None:  # finished rows keep emitting the stop token
+                token[done] = stop_token
+                done |= token.squeeze(1) == stop_token
+            yield token
+            if stop_token is not None and done.all():
+                return
+            context = torch.cat((context, token), dim=1)
+            if pos == self.block_size:  # full: restart the window from the most recent half
+                context = context[:, -(self.block_size // 2):]
+                logits, pos = self.start(context), context.size(1)
+            else:
+                logits, pos = self.step(token), pos + 1
+
+
+_exports = {}  # (checkpoint, file name): its path, exported once per process
+
+
+def exported(ckpt, export, name):
+    """The path of export(ckpt, path) in a temporary folder that lives until the process ends."""
+    key = (id(ckpt), name)
+    if key not in _exports:
+        d = tempfile.TemporaryDirectory()
+        atexit.register(d.cleanup)
+        _exports[key] = os.path.join(d.name, name)
+        export(ckpt, _exports[key])
+    return _exports[key]
+
+
+class LlamaCpp(Engine):
+    """llama.cpp through llama-cpp-python, on the GGUF export (q8_0 for int8); one sequence."""
+
+    def __init__(self, ckpt, quantize='none', threads=0):
+        try:
+            import llama_cpp
+        except ImportError:
             die("engine='llamacpp' needs llama-cpp-python (it builds llama.cpp, some minutes): "
                 "pip install llama-cpp-python gguf")
         from export import export_gguf
-        self.block_size = ckpt['model_args']['block_size']
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, f'model-{quant}.gguf')
-            export_gguf(ckpt, path, quant)
-            # n_ctx is a hard limit in llama.cpp: the model's context, which stream() keeps to
-            self.llm = llama_cpp.Llama(path, n_ctx=self.block_size, n_batch=self.block_size,
-                                       n_threads=threads or torch.get_num_threads(), use_mmap=False,
-                                       verbose=False)
+        self.llama_cpp, self.block_size = llama_cpp, ckpt['model_args']['block_size']
+        quant = 'q8_0' if quantize == 'int8' else 'f32'
+        path = exported(ckpt, lambda c, p: export_gguf(c, p, quant), f'model-{quant}.gguf')
+        # n_ctx is a hard limit in llama.cpp: the model's context, which stream() keeps to
+        self.llm = llama_cpp.Llama(path, n_ctx=self.block_size, n_batch=self.block_size,
+                                   n_threads=threads or torch.get_num_threads(), use_mmap=False,
+                                   verbose=False)
         atexit.register(self.llm.close)  # before interpreter shutdown, where its __del__ fails
 
     def logits(self, tokens):
-        """Run tokens after those already in the cache; the logits (1, vocab) after the last."""
         self.llm.eval(tokens)
-        last = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # llama.cpp's own array
+        last = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # llama.cpp's own array
         return torch.from_numpy(np.ctypeslib.as_array(last, shape=(1, self.llm.n_vocab())).copy())
 
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
-        """model.GPT.stream for one prompt idx (1, T): yields (1, 1) tokens."""
-        if idx.size(0) != 1:
+    def start(self, context):
+        if context.size(0) != 1:
             raise ValueError("engine='llamacpp' decodes one sequence at a time")
-        context = idx[0, -self.block_size:].tolist()
         self.llm.reset()
-        logits = self.logits(context)
-        for _ in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p)
-            yield token
-            if token.item() == stop_token:
-                return
-            context.append(token.item())
-            if self.llm.n_tokens == self.block_size:  # full: restart from the most recent half
-                context = context[-(self.block_size // 2):]
-                self.llm.reset()
-                logits = self.logits(context)
-            else:
-                logits = self.logits([token.item()])
+        return self.logits(context[0].tolist())
+
+    def step(self, tokens):
+        return self.logits(tokens[0].tolist())
+
+
+class OnnxGraph(Engine):
+    """The ONNX export (export.py --format=onnx) run by ONNX Runtime or OpenVINO: each call
+    takes the past keys and values and returns them with the new ones appended."""
+
+    def __init__(self, ckpt, engine, quantize='none', threads=0, device='cpu'):
+        from export import export_onnx
+        args = ckpt['model_args']
+        self.block_size = args['block_size']
+        self.empty = (args['n_layer'], 2, 0, args['n_head'], 0, args['n_embd'] // args['n_head'])
+        threads = threads or torch.get_num_threads()
+        path = exported(ckpt, export_onnx, 'model.onnx')
+        if engine == 'onnxruntime':
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                die("engine='onnxruntime' needs onnxruntime: pip install onnxruntime onnx onnxscript")
+            if quantize == 'int8':  # int8 weights, activations quantized per call (MatMulInteger)
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+                path = exported(ckpt, lambda c, p: quantize_dynamic(path, p, weight_type=QuantType.QInt8),
+                                'model-int8.onnx')
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            # spinning threads would keep the cores busy between calls, slowing what runs beside
+            opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
+            session = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+            self.run = lambda feed: session.run(None, feed)
+        else:
+            try:
+                import openvino as ov
+            except ImportError:
+                die("engine='openvino' needs openvino: pip install openvino onnx onnxscript")
+            if quantize == 'int8':
+                die("engine='openvino' runs the model in fp32 here: use --quantize=none, or "
+                    "--engine=onnxruntime for int8")
+            # f32 everywhere: an Intel GPU ('GPU') would compute in f16 unless asked for f32
+            config = {'INFERENCE_PRECISION_HINT': 'f32'}
+            if device == 'cpu':
+                config['INFERENCE_NUM_THREADS'] = threads
+            core = ov.Core()
+            compiled = core.compile_model(core.read_model(path), device.upper(), config)
+            self.run = lambda feed: list(compiled(feed).values())
+
+    def start(self, context):
+        shape = list(self.empty)
+        shape[2] = context.size(0)
+        self.past = np.zeros(shape, dtype=np.float32)
+        return self.step(context)
+
+    def step(self, tokens):
+        logits, self.past = self.run({'input_ids': tokens.numpy(), 'past': self.past})
+        return torch.from_numpy(logits[:, -1])
+
+
+def make_engine(engine, ckpt, quantize='none', threads=0, device='cpu'):
+    """The checkpoint's model run by `engine` (not 'torch': that is model.py itself). device is
+    'cpu', or for OpenVINO 'gpu' (an Intel GPU, through OpenVINO's own driver)."""
+    if device != 'cpu' and not (engine == 'openvino' and device == 'gpu'):
+        die(f"engine='{engine}' runs on the CPU here (OpenVINO also on an Intel GPU: --device=gpu); "
+            f"got --device={device}")
+    if engine == 'llamacpp':
+        return LlamaCpp(ckpt, quantize, threads)
+    if engine in ('onnxruntime', 'openvino'):
+        return OnnxGraph(ckpt, engine, quantize, threads, device)
+    die(f"bad value engine={engine!r}: use one of {', '.join(ENGINES)}")

@@ -4,6 +4,7 @@ Export a trained checkpoint for the tools people already run.
 $ python export.py --format=hf                 # out/ckpt.pt -> out/hf/, for Hugging Face transformers
 $ python export.py --format=gguf               # out/ckpt.pt -> out/model-f32.gguf, for llama.cpp
 $ python export.py --format=gguf --quant=q8_0  # 8-bit weights (also f16)
+$ python export.py --format=onnx               # out/ckpt.pt -> out/model.onnx, for ONNX Runtime and OpenVINO
 
 The hf folder loads anywhere with transformers (pip install transformers), no code of ours:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -14,18 +15,25 @@ separate q/k/v/o projections, rotary positions on the whole head, a GELU MLP (c_
 the output layer tied to the embedding. The gguf file is llama.cpp's starcoder2 architecture
 with the SentencePiece tokenizer inside (pip install gguf to write it):
     llama-cli -m out/model-f32.gguf -p "Once upon a time"
+The onnx file is one graph with the key/value cache as an input and an output (pip install onnx
+onnxscript to write it): input_ids (B, T) and past (n_layer, 2, B, n_head, P, head_dim) in,
+logits (B, T, vocab) and present (the same with P + T) out, every size dynamic; start with P = 0.
 """
+import logging
 import os
+import warnings
 
 import torch
+import torch.nn.functional as F
 
-from common import configure, die, load_checkpoint
+from common import configure, die, load_checkpoint, model_from_checkpoint
+from model import apply_rope
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
 ckpt_name = 'ckpt.pt'
-format = 'hf'            # 'hf': a transformers folder (safetensors, config, tokenizer); 'gguf': llama.cpp
-out = ''                 # where to write; '' = out_dir/hf or out_dir/model-{quant}.gguf
+format = 'hf'            # 'hf': a transformers folder (safetensors, config, tokenizer); 'gguf': llama.cpp; 'onnx'
+out = ''                 # where to write; '' = out_dir/hf, out_dir/model-{quant}.gguf or out_dir/model.onnx
 quant = 'f32'            # gguf weights: 'f32', 'f16' or 'q8_0' (norms and biases stay f32)
 # -----------------------------------------------------------------------------
 
@@ -189,13 +197,69 @@ def export_gguf(ckpt, path, quant='f32'):
     w.close()
 
 
+class WithPast(torch.nn.Module):
+    """The model as one function of token ids and the past keys/values, returning every
+    position's logits and the present keys/values: what a graph without in-place updates (ONNX)
+    can hold. The same computation as GPT.forward with its cache, for any past length P and
+    any number T of new tokens: query t (position P + t) sees keys 0 .. P + t."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, past):
+        m, (B, T), P = self.model, input_ids.shape, past.size(4)
+        nh, C = m.config.n_head, m.config.n_embd
+        cos, sin = m.rope_cos[P:P + T], m.rope_sin[P:P + T]
+        mask = torch.ones(T, P + T, dtype=torch.bool, device=input_ids.device).tril(P)
+        x, present = m.transformer.wte(input_ids), []
+        for i, block in enumerate(m.transformer.h):
+            qkv = block.attn.c_attn(block.ln_1(x)).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(qkv[:2], cos, sin).unbind(0)
+            k, v = torch.cat((past[i, 0], k), dim=2), torch.cat((past[i, 1], qkv[2]), dim=2)
+            present.append(torch.stack((k, v)))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            x = x + block.mlp(block.ln_2(x))
+        return m.lm_head(m.transformer.ln_f(x)), torch.stack(present)
+
+
+def export_onnx(ckpt, path):
+    """WithPast of the checkpoint's model as an ONNX file, dynamic in batch, past and new length."""
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs both)
+        import onnxscript  # noqa: F401
+    except ImportError:
+        die("--format=onnx needs onnx and onnxscript: pip install onnx onnxscript")
+    args = model_args(ckpt, 'onnx')
+    model = WithPast(model_from_checkpoint(ckpt).eval())
+    L, nh, hd = args['n_layer'], args['n_head'], args['n_embd'] // args['n_head']
+    # sizes of 0 or 1 would be taken as fixed: trace with 2 new tokens after 3 past ones
+    ids, past = torch.zeros(2, 2, dtype=torch.long), torch.zeros(L, 2, 2, nh, 3, hd)
+    B, T, P = torch.export.Dim('batch'), torch.export.Dim('new'), torch.export.Dim('past')
+    logging.disable(logging.WARNING)  # the exporter's notes on its own internals
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter('ignore')
+            torch.onnx.export(model, (ids, past), path, dynamo=True, verbose=False, optimize=True,
+                              external_data=False, input_names=['input_ids', 'past'],
+                              output_names=['logits', 'present'],
+                              dynamic_shapes={'input_ids': {0: B, 1: T}, 'past': {2: B, 4: P}})
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 if __name__ == '__main__':
     configure(globals())
-    if format not in ('hf', 'gguf'):
-        die(f"bad value format={format!r}: use 'hf' or 'gguf'")
+    if format not in ('hf', 'gguf', 'onnx'):
+        die(f"bad value format={format!r}: use 'hf', 'gguf' or 'onnx'")
     ckpt = load_checkpoint(os.path.join(out_dir, ckpt_name))
     if format == 'hf':
         export_hf(ckpt, out or os.path.join(out_dir, 'hf'))
+    elif format == 'onnx':
+        path = out or os.path.join(out_dir, 'model.onnx')
+        export_onnx(ckpt, path)
+        print(f"wrote {path}: input_ids and past keys/values in, logits and present keys/values out")
     else:
         path = out or os.path.join(out_dir, f'model-{quant}.gguf')
         export_gguf(ckpt, path, quant)

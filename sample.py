@@ -30,7 +30,7 @@ dtype = 'auto'
 quantize = 'none'        # 'int8': dynamic int8 quantization of the Linear layers (CPU)
 ipex = False             # intel_extension_for_pytorch.optimize on the model
 threads = 0              # CPU threads; 0 = PyTorch's default
-engine = 'torch'         # 'llamacpp': decode with llama.cpp (the checkpoint exported to GGUF on the fly)
+engine = 'torch'         # or 'onnxruntime', 'openvino', 'llamacpp': the checkpoint exported on the fly, run there
 # -----------------------------------------------------------------------------
 configure(globals())
 # -----------------------------------------------------------------------------
@@ -45,8 +45,8 @@ if num_samples < 1 or max_new_tokens < 0:
     die("num_samples must be ≥ 1 and max_new_tokens ≥ 0")
 if quantize not in ('none', 'int8'):
     die(f"bad value quantize={quantize!r}: use 'none' or 'int8'")
-if engine not in ('torch', 'llamacpp'):
-    die(f"bad value engine={engine!r}: use 'torch' or 'llamacpp'")
+if engine not in ('torch', 'onnxruntime', 'openvino', 'llamacpp'):
+    die(f"bad value engine={engine!r}: use 'torch', 'onnxruntime', 'openvino' or 'llamacpp'")
 if greedy:
     temperature = 0.0
 if start.startswith('FILE:'):
@@ -63,9 +63,9 @@ ckpt_path = os.path.join(out_dir, ckpt_name)
 ckpt = load_checkpoint(ckpt_path)
 sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
 bos, eos = sp.bos_id(), sp.eos_id()
-if engine == 'llamacpp':  # on the CPU; int8 is llama.cpp's own 8-bit format
-    from engines import LlamaCpp
-    model = LlamaCpp(ckpt, 'q8_0' if quantize == 'int8' else 'f32', threads)
+if engine != 'torch':  # int8 is the engine's own int8 path
+    from engines import make_engine
+    model = make_engine(engine, ckpt, quantize, threads, 'cpu' if device == 'auto' else device)
     device = 'cpu'
 else:
     device = pick_device(device, quantize)

@@ -1,0 +1,95 @@
+"""The ONNX export run by ONNX Runtime and OpenVINO themselves, against model.py in fp32: logits
+of a prefill and of 50 cached decoding steps, greedy stories through sample.py, and int8."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import load_checkpoint, model_from_checkpoint
+from conftest import STORIES, run
+from engines import make_engine
+from prepare import read_stories
+from test_train import one_error_line, train
+
+import sentencepiece as spm
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+    """A model of the default shape options (no biases), with a context of 64 tokens so that
+    decoding soon has to restart its window."""
+    out = tmp_path_factory.mktemp('engines')
+    train(data_dir, out, '--max_iters=200', '--eval_interval=200', '--block_size=64')
+    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    return out, ckpt, model_from_checkpoint(ckpt).eval()
+
+
+def all_logits(graph, ids, cfg):
+    """Every position's logits of ids (B, T) from an empty cache, as the graph gives them."""
+    empty = np.zeros((cfg.n_layer, 2, ids.size(0), cfg.n_head, 0, cfg.n_embd // cfg.n_head), np.float32)
+    return torch.from_numpy(graph.run({'input_ids': ids.numpy(), 'past': empty})[0])
+
+
+@pytest.mark.parametrize('engine', ['onnxruntime', 'openvino'])
+def test_prefill_and_50_cached_steps_match_pytorch(trained, engine):
+    out, ckpt, model = trained
+    graph = make_engine(engine, ckpt)
+    cfg = model.config
+    torch.manual_seed(0)
+    ids = torch.randint(cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(all_logits(graph, ids, cfg), model(ids, ids)[0], atol=1e-4, rtol=0)
+        cache = torch.empty(cfg.n_layer, 2, 2, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        ours = model(ids, cache=cache)[0][:, -1]
+        theirs = graph.start(ids)
+        for pos in range(12, 62):
+            torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+            token = torch.randint(cfg.vocab_size, (2, 1))
+            ours, theirs = model(token, cache=cache, pos=pos)[0][:, -1], graph.step(token)
+
+
+@pytest.mark.parametrize('engine', ['onnxruntime', 'openvino'])
+def test_sample_py_tells_the_same_greedy_story(trained, engine):
+    """Past the 64-token context: its restart from the most recent half included."""
+    args = ['sample.py', f'--out_dir={trained[0]}', '--start=Once upon a time', '--greedy',
+            '--max_new_tokens=150', '--num_samples=1']
+    theirs, ours = run(*args, f'--engine={engine}'), run(*args)
+    assert theirs.stdout == ours.stdout and len(set(ours.stdout.split())) >= 5
+
+
+def test_greedy_batch_with_a_stop_token_matches_pytorch(trained):
+    out, ckpt, model = trained
+    graph = make_engine('onnxruntime', ckpt)
+    prompt = torch.randint(model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
+    mine = torch.cat(list(model.stream(prompt, 40, temperature=0)), dim=1)
+    stop = mine[0, 20].item()  # the first row reaches it: it stops there, the others go on
+    mine = torch.cat(list(model.stream(prompt, 40, temperature=0, stop_token=stop)), dim=1)
+    theirs = torch.cat(list(graph.stream(prompt, 40, temperature=0, stop_token=stop)), dim=1)
+    assert torch.equal(theirs, mine)
+
+
+def test_int8_costs_under_one_percent_of_bits_per_byte(trained):
+    """ONNX Runtime's dynamic int8 (MatMulInteger) against model.py in fp32, on the test slice's
+    validation stories: the same tokens, so the ratio of total losses is the ratio of bits/byte."""
+    out, ckpt, model = trained
+    int8 = make_engine('onnxruntime', ckpt, 'int8')
+    sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
+    ours = theirs = 0.0
+    for s in read_stories(str(STORIES / 'valid.txt'))[:40]:
+        ids = torch.tensor([[sp.bos_id()] + sp.encode(s)])[:, :64]
+        with torch.no_grad():
+            ours += F.cross_entropy(model(ids, ids)[0][0, :-1], ids[0, 1:], reduction='sum').item()
+        theirs += F.cross_entropy(all_logits(int8, ids, model.config)[0, :-1], ids[0, 1:],
+                                  reduction='sum').item()
+    assert theirs / ours < 1.01, (theirs, ours)
+
+
+def test_engine_errors_are_one_line(trained, data_dir, tmp_path):
+    out = trained[0]
+    for args, words in [(['--engine=tensorrt'], ['engine']),
+                        (['--engine=openvino', '--quantize=int8'], ['openvino', 'int8']),
+                        (['--engine=onnxruntime', '--device=cuda'], ['CPU', 'cuda'])]:
+        one_error_line(run('sample.py', f'--out_dir={out}', *args, ok=False), *words)
+    learned = tmp_path / 'learned'
+    train(data_dir, learned, '--max_iters=2', '--eval_interval=2', '--pos_emb=learned')
+    one_error_line(run('export.py', f'--out_dir={learned}', '--format=onnx', ok=False), 'RoPE')
