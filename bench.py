@@ -220,12 +220,15 @@ def placeholder_tokenizer(vocab_size):
     return m.SerializeToString()
 
 
-def bench_engines(name, ckpt, model):
+def bench_engines(name, ckpt, model, torch_variant=None):
     """Each engine's load time (export included), prefill and decoding of the checkpoint, fp32
     and int8 (llama.cpp: f32 and q8_0; OpenVINO: fp32), at batch 1 and batch_size (llama.cpp: 1),
-    alternating with PyTorch (`model`, fp32 as sample.py runs it) `rounds` times: medians."""
+    alternating with PyTorch (`model`, fp32 as sample.py runs it, and torch_variant, the
+    --quantize/--dtype/--ipex one, if any) `rounds` times: medians."""
     from engines import make_engine
-    runners = {'torch': model}
+    runners = {'torch fp32': model}
+    if torch_variant:
+        runners[f'torch {variant}'] = torch_variant
     for e in engines:
         for q in ('none', 'int8') if e != 'openvino' else ('none',):
             t0 = time.perf_counter()
@@ -280,7 +283,9 @@ for name, cfg in model_configs():
         ckpt = {'model': copy.deepcopy(model.state_dict()), 'model_args': dict(cfg, bias=model.config.bias),
                 'tokenizer': placeholder_tokenizer(cfg['vocab_size'])}
     plain = None
-    if not skip_generate and (quantize != 'none' or ipex or dtype != 'float32'):
+    variant = ' '.join(v for v in (quantize if quantize != 'none' else '', 'ipex' if ipex else '',
+                                   dtype if dtype != 'float32' else '') if v)
+    if (not skip_generate or engines) and variant:
         # the fp32 model as sample.py runs it, decoded in the same run: the honest ratio
         plain = optimize_for_inference(copy.deepcopy(model))  # it swaps the Linears in place
     if dtype != 'float32':
@@ -289,7 +294,7 @@ for name, cfg in model_configs():
     if not skip_generate:
         bench_generate(name, gen_model, plain)
     if engines:
-        bench_engines(name, ckpt, gen_model if plain is None else plain)
+        bench_engines(name, ckpt, gen_model if plain is None else plain, variant and gen_model)
     if profile:
         bench_profile(name, gen_model)
 if json_out:

@@ -41,7 +41,7 @@ def test_bad_rounds_is_one_clear_line():
 def test_llama_cpp_rows_beside_pytorch():
     rows = bench_json('--models=cpu', '--skip_train=True', '--engine=llamacpp', '--max_new_tokens=8',
                       '--prompt_tokens=16', '--decode_prompt=4', '--batch_size=2', '--rounds=1')
-    for engine in ('torch', 'llamacpp fp32', 'llamacpp int8'):
+    for engine in ('torch fp32', 'llamacpp fp32', 'llamacpp int8'):
         r = next(r for r in rows if r['name'] == f'cpu {engine} b1')
         assert r['prefill_tokens_per_s'] > 0 and r['greedy_tokens_per_s'] > 0 and r['top-p_tokens_per_s'] > 0
 
