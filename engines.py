@@ -10,6 +10,7 @@ folder: llama.cpp a GGUF file, ONNX Runtime and OpenVINO an ONNX graph with the 
 as an input and an output.
 """
 import atexit
+import logging
 import os
 import tempfile
 
@@ -114,8 +115,10 @@ class OnnxGraph(Engine):
                 die("engine='onnxruntime' needs onnxruntime: pip install onnxruntime onnx onnxscript")
             if quantize == 'int8':  # int8 weights, activations quantized per call (MatMulInteger)
                 from onnxruntime.quantization import QuantType, quantize_dynamic
+                logging.disable(logging.WARNING)  # its advice to pre-process the graph first
                 path = exported(ckpt, lambda c, p: quantize_dynamic(path, p, weight_type=QuantType.QInt8),
                                 'model-int8.onnx')
+                logging.disable(logging.NOTSET)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             # spinning threads would keep the cores busy between calls, slowing what runs beside

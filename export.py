@@ -18,6 +18,7 @@ with the SentencePiece tokenizer inside (pip install gguf to write it):
 The onnx file is one graph with the key/value cache as an input and an output (pip install onnx
 onnxscript to write it): input_ids (B, T) and past (n_layer, 2, B, n_head, P, head_dim) in,
 logits (B, T, vocab) and present (the same with P + T) out, every size dynamic; start with P = 0.
+The SentencePiece tokenizer.model goes beside it.
 """
 import logging
 import os
@@ -247,6 +248,8 @@ def export_onnx(ckpt, path):
                               dynamic_shapes={'input_ids': {0: B, 1: T}, 'past': {2: B, 4: P}})
     finally:
         logging.disable(logging.NOTSET)
+    with open(os.path.join(os.path.dirname(path), 'tokenizer.model'), 'wb') as f:
+        f.write(ckpt['tokenizer'])  # beside it: the graph takes token ids
 
 
 if __name__ == '__main__':
@@ -259,7 +262,8 @@ if __name__ == '__main__':
     elif format == 'onnx':
         path = out or os.path.join(out_dir, 'model.onnx')
         export_onnx(ckpt, path)
-        print(f"wrote {path}: input_ids and past keys/values in, logits and present keys/values out")
+        print(f"wrote {path} (input_ids and past keys/values in, logits and present keys/values "
+              f"out) and {os.path.join(os.path.dirname(path), 'tokenizer.model')}")
     else:
         path = out or os.path.join(out_dir, f'model-{quant}.gguf')
         export_gguf(ckpt, path, quant)

@@ -27,6 +27,8 @@ def exported(data_dir, tmp_path_factory):
     for quant in ('f32', 'q8_0'):
         p = run('export.py', '--format=gguf', f'--quant={quant}', f'--out_dir={out}')
         assert f'model-{quant}.gguf' in p.stdout
+    p = run('export.py', '--format=onnx', f'--out_dir={out}')  # for the README's snippet
+    assert 'model.onnx' in p.stdout and (out / 'tokenizer.model').exists()
     return out
 
 
@@ -143,7 +145,7 @@ def test_the_readme_python_snippets_run_as_written(exported, tmp_path):
     import sys
     from conftest import ROOT
     blocks = re.findall(r'```python\n(.*?)```', (ROOT / 'README.md').read_text(), re.S)
-    assert len(blocks) >= 3
+    assert len(blocks) >= 4
     (tmp_path / 'out').symlink_to(exported)
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE='1')
     for code in blocks:
