@@ -134,7 +134,6 @@ def export_gguf(ckpt, path, quant='f32'):
         import gguf
     except ImportError:
         die("--format=gguf needs the gguf package: pip install gguf")
-    import numpy as np
     import sentencepiece as spm
     if quant not in ('f32', 'f16', 'q8_0'):
         die(f"bad value quant={quant!r}: use 'f32', 'f16' or 'q8_0'")
@@ -159,15 +158,15 @@ def export_gguf(ckpt, path, quant='f32'):
     # SentencePiece's own model: llama.cpp's 'llama' tokenizer is SentencePiece's algorithm
     # (scores, byte fallback, the leading-space marker); a char tokenizer with fewer pieces than
     # the embedding has rows gets unused placeholders
-    kind = lambda i: (gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL
-                      if sp.is_control(i) else gguf.TokenType.BYTE if sp.is_byte(i) else
-                      gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.NORMAL)
+    token_type = lambda i: (gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL
+                            if sp.is_control(i) else gguf.TokenType.BYTE if sp.is_byte(i) else
+                            gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.NORMAL)
     n = sp.get_piece_size()
     w.add_tokenizer_model('llama')
     w.add_tokenizer_pre('default')
     w.add_token_list([sp.id_to_piece(i) for i in range(n)] + [f'[PAD{i}]' for i in range(n, V)])
     w.add_token_scores([sp.get_score(i) for i in range(n)] + [-1e4] * (V - n))
-    w.add_token_types([kind(i) for i in range(n)] + [gguf.TokenType.UNUSED] * (V - n))
+    w.add_token_types([token_type(i) for i in range(n)] + [gguf.TokenType.UNUSED] * (V - n))
     w.add_bos_token_id(sp.bos_id())
     w.add_eos_token_id(sp.eos_id())
     w.add_unk_token_id(sp.unk_id())
@@ -183,15 +182,15 @@ def export_gguf(ckpt, path, quant='f32'):
         names.update({f'model.layers.{i}.{k}': f'blk.{i}.{v}' for k, v in layer.items()})
     state = hf_state(ckpt['model'], args)
     for k, t in list(state.items()):
-        if k.endswith('_proj.weight') or k.endswith('c_fc.weight') or k.endswith('c_proj.weight'):
+        if k.endswith(('_proj.weight', 'c_fc.weight')):
             state.setdefault(k[:-len('weight')] + 'bias', torch.zeros(t.size(0)))
     for k, t in state.items():
-        module, kind_ = k.rsplit('.', 1)
+        module, part = k.rsplit('.', 1)
         a = t.numpy()
         # 1-d tensors stay f32, as in llama.cpp's own files; q8_0 packs rows in blocks of 32
         q = qtype if a.ndim == 2 and not (qtype == gguf.GGMLQuantizationType.Q8_0 and a.shape[1] % 32) \
             else gguf.GGMLQuantizationType.F32
-        w.add_tensor(f'{names[module]}.{kind_}', gguf.quants.quantize(a, q), raw_dtype=q)
+        w.add_tensor(f'{names[module]}.{part}', gguf.quants.quantize(a, q), raw_dtype=q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -47,6 +47,9 @@ if quantize not in ('none', 'int8'):
     die(f"bad value quantize={quantize!r}: use 'none' or 'int8'")
 if engine not in ('torch', 'onnxruntime', 'openvino', 'llamacpp'):
     die(f"bad value engine={engine!r}: use 'torch', 'onnxruntime', 'openvino' or 'llamacpp'")
+if engine != 'torch' and (ipex or dtype not in ('auto', 'float32')):
+    die(f"engine={engine!r} runs the model in fp32 (or its own int8 with --quantize=int8): "
+        "ipex and dtype apply to engine='torch' only")
 if greedy:
     temperature = 0.0
 if start.startswith('FILE:'):

@@ -88,7 +88,8 @@ def test_engine_errors_are_one_line(trained, data_dir, tmp_path):
     out = trained[0]
     for args, words in [(['--engine=tensorrt'], ['engine']),
                         (['--engine=openvino', '--quantize=int8'], ['openvino', 'int8']),
-                        (['--engine=onnxruntime', '--device=cuda'], ['CPU', 'cuda'])]:
+                        (['--engine=onnxruntime', '--device=cuda'], ['CPU', 'cuda']),
+                        (['--engine=onnxruntime', '--dtype=bfloat16'], ['fp32', 'dtype'])]:
         one_error_line(run('sample.py', f'--out_dir={out}', *args, ok=False), *words)
     learned = tmp_path / 'learned'
     train(data_dir, learned, '--max_iters=2', '--eval_interval=2', '--pos_emb=learned')
