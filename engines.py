@@ -18,35 +18,20 @@ import numpy as np
 import torch
 
 from common import die
-from model import sample
+from model import decode
 
 ENGINES = ('torch', 'onnxruntime', 'openvino', 'llamacpp')
 
 
 class Engine:
     """What an engine provides: start(context) runs the prompts (B, T) from an empty cache,
-    step(tokens) runs one token (B, 1) more; both return the logits (B, vocab) after the last.
-    stream() is model.GPT.stream on top of them."""
+    step(tokens, pos) runs one token (B, 1) more; both return the logits (B, vocab) after the
+    last. stream() is model.GPT.stream's loop on top of them."""
     block_size = 0
 
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
-        context = idx[:, -self.block_size:]
-        logits, pos = self.start(context), context.size(1)
-        done = torch.zeros(idx.size(0), dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p)
-            if stop_token is not None:  # finished rows keep emitting the stop token
-                token[done] = stop_token
-                done |= token.squeeze(1) == stop_token
-            yield token
-            if stop_token is not None and done.all():
-                return
-            context = torch.cat((context, token), dim=1)
-            if pos == self.block_size:  # full: restart the window from the most recent half
-                context = context[:, -(self.block_size // 2):]
-                logits, pos = self.start(context), context.size(1)
-            else:
-                logits, pos = self.step(token), pos + 1
+        return decode(self.start, self.step, idx, self.block_size, max_new_tokens, temperature,
+                      top_k, top_p, stop_token)
 
 
 _exports = {}  # (checkpoint, file name): its path, exported once per process
@@ -93,7 +78,7 @@ class LlamaCpp(Engine):
         self.llm.reset()
         return self.logits(context[0].tolist())
 
-    def step(self, tokens):
+    def step(self, tokens, pos=None):
         return self.logits(tokens[0].tolist())
 
 
@@ -147,7 +132,7 @@ class OnnxGraph(Engine):
         self.past = np.zeros(shape, dtype=np.float32)
         return self.step(context)
 
-    def step(self, tokens):
+    def step(self, tokens, pos=None):
         logits, self.past = self.run({'input_ids': tokens.numpy(), 'past': self.past})
         return torch.from_numpy(logits[:, -1])
 

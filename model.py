@@ -220,26 +220,9 @@ class GPT(nn.Module):
         B, hd = idx.size(0), cfg.n_embd // cfg.n_head
         p = next(self.parameters())
         cache = torch.empty(cfg.n_layer, 2, B, cfg.n_head, cfg.block_size, hd, dtype=p.dtype, device=p.device)
-        context = idx[:, -cfg.block_size:]
-        logits, _ = self(context, cache=cache)
-        pos = context.size(1)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            token = sample(logits[:, -1, :], temperature, top_k, top_p)
-            if stop_token is not None:  # finished rows keep emitting the stop token
-                token[done] = stop_token
-                done |= token.squeeze(1) == stop_token
-            yield token
-            if stop_token is not None and done.all():
-                return
-            context = torch.cat((context, token), dim=1)
-            if pos == cfg.block_size:  # full: restart the window from the most recent half
-                context = context[:, -(cfg.block_size // 2):]
-                logits, _ = self(context, cache=cache)
-                pos = context.size(1)
-            else:
-                logits, _ = self(token, cache=cache, pos=pos)
-                pos += 1
+        start = lambda context: self(context, cache=cache)[0][:, -1, :]  # prefill from position 0
+        step = lambda token, pos: self(token, cache=cache, pos=pos)[0][:, -1, :]
+        yield from decode(start, step, idx, cfg.block_size, max_new_tokens, temperature, top_k, top_p, stop_token)
 
     @torch.no_grad()  # not inference_mode: the ids it returns may go into training
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
@@ -247,6 +230,28 @@ class GPT(nn.Module):
         reached stop_token). temperature=0 is greedy; top_k and top_p restrict the choices."""
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token))
         return torch.cat([idx] + new, dim=1)
+
+
+def decode(start, step, idx, block_size, max_new_tokens, temperature, top_k, top_p, stop_token):
+    """The sampling loop of GPT.stream, for any model: start(context) runs the prompts from an
+    empty cache, step(token, pos) one token at position pos; both return the last logits."""
+    context = idx[:, -block_size:]
+    logits, pos = start(context), context.size(1)
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p)
+        if stop_token is not None:  # finished rows keep emitting the stop token
+            token[done] = stop_token
+            done |= token.squeeze(1) == stop_token
+        yield token
+        if stop_token is not None and done.all():
+            return
+        context = torch.cat((context, token), dim=1)
+        if pos == block_size:  # full: restart the window from the most recent half
+            context = context[:, -(block_size // 2):]
+            logits, pos = start(context), context.size(1)
+        else:
+            logits, pos = step(token, pos), pos + 1
 
 
 def draw(probs):

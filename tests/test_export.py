@@ -139,14 +139,15 @@ def test_export_refuses_what_transformers_cannot_hold(data_dir, tmp_path):
 
 
 def test_the_readme_python_snippets_run_as_written(exported, tmp_path):
-    """Every ```python block of README.md, run as a user would, beside an out/ that holds a
-    checkpoint and its exports."""
+    """Every ```python block of README.md and docs/export.md, run as a user would, beside an
+    out/ that holds a checkpoint and its exports."""
     import re
     import subprocess
     import sys
     from conftest import ROOT
-    blocks = re.findall(r'```python\n(.*?)```', (ROOT / 'README.md').read_text(), re.S)
-    assert len(blocks) >= 4
+    text = (ROOT / 'README.md').read_text() + (ROOT / 'docs' / 'export.md').read_text()
+    blocks = re.findall(r'```python\n(.*?)```', text, re.S)
+    assert len(blocks) >= 5
     (tmp_path / 'out').symlink_to(exported)
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE='1')
     for code in blocks:
