@@ -38,3 +38,15 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp('data')
     run('prepare.py', f'--source={STORIES}', f'--data_dir={out}', '--vocab_size=512')
     return out
+
+
+@pytest.fixture(scope='session')
+def trained(data_dir, tmp_path_factory):
+    """(out_dir, checkpoint, model) of a small trained model of the default shape options (no
+    biases), with a context of 64 tokens so that decoding soon has to restart its window."""
+    from common import load_checkpoint, model_from_checkpoint
+    from test_train import train
+    out = tmp_path_factory.mktemp('trained64')
+    train(data_dir, out, '--max_iters=200', '--eval_interval=200', '--block_size=64')
+    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    return out, ckpt, model_from_checkpoint(ckpt).eval()

@@ -59,19 +59,27 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, cache=None, pos=0):
         """x: (B, T, C) for positions pos..pos+T-1. With a cache (the preallocated (2, B, nh,
         block_size, hd) keys and values of this layer), the new k, v are stored in it and the
-        queries attend to all keys so far, so each token is computed once while sampling."""
+        queries attend to all keys so far, so each token is computed once while sampling.
+        pos may also be a (B,) tensor, each row's position for one token (T = 1)."""
         B, T, C = x.size()
         # (B, T, 3C) -> (3, B, nh, T, hd): q, k, v, with the heads as a batch dimension
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if rope is not None:
             q, k = apply_rope(qkv[:2], *rope).unbind(0)  # q and k rotate in one go
-        if cache is not None:
+        mask = None
+        if cache is not None and torch.is_tensor(pos):  # one token per row, at its own position
+            rows = torch.arange(B, device=x.device)
+            cache[0, rows, :, pos], cache[1, rows, :, pos] = k[:, :, 0], v[:, :, 0]
+            n = int(pos.max()) + 1
+            k, v = cache[0, :, :, :n], cache[1, :, :, :n]
+            mask = torch.arange(n, device=x.device) <= pos.view(B, 1, 1, 1)  # a row's own keys
+        elif cache is not None:
             assert pos == 0 or T == 1, "the cache is filled by one prefill, then one token a step"
             cache[0, :, :, pos:pos + T], cache[1, :, :, pos:pos + T] = k, v
             k, v = cache[0, :, :, :pos + T], cache[1, :, :, :pos + T]
-        # one new token may see every cached key: no mask needed then
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+        # one new token may see every cached key: no causal mask needed then
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -158,17 +166,24 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None, pos=0):
         """idx: (B, T) token ids at positions pos..pos+T-1. With targets: all logits and the mean
-        cross-entropy. Without: logits at the last position only, saving the lm_head elsewhere."""
+        cross-entropy. Without: logits at the last position only, saving the lm_head elsewhere.
+        With a cache, pos may be a (B,) tensor of positions for one token per row (T = 1): a
+        batch of sequences each at its own place, as a server decodes them."""
         B, T = idx.size()
-        assert pos + T <= self.config.block_size, f"{pos + T} tokens > block_size {self.config.block_size}"
+        if torch.is_tensor(pos):
+            assert T == 1 and cache is not None, "positions per row: one token a step, with a cache"
+            t = pos.view(B, 1)  # each row's own position
+        else:
+            assert pos + T <= self.config.block_size, f"{pos + T} tokens > block_size {self.config.block_size}"
+            t = torch.arange(pos, pos + T, device=idx.device)  # the same positions in every row
         x = self.transformer.wte(idx)
         rope = None
-        if self.config.pos_emb == 'rope':
-            rope = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        if self.config.pos_emb == 'rope':  # (T or B x 1, 1, hd/2): broadcast over the heads
+            rope = self.rope_cos[t].unsqueeze(-3), self.rope_sin[t].unsqueeze(-3)
         elif self.config.pos_emb == 'learned':
-            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
+            x = x + self.transformer.wpe(t)
         else:
-            x = x + self.wpe_fixed[pos:pos + T]
+            x = x + self.wpe_fixed[t]
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             if self.grad_checkpoint and self.training:
@@ -254,27 +269,27 @@ def decode(start, step, idx, block_size, max_new_tokens, temperature, top_k, top
             logits, pos = step(token, pos), pos + 1
 
 
-def draw(probs):
+def draw(probs, generator=None):
     """One index per row of probs (B, vocab), each with probability proportional to its weight:
     the first index whose cumulative weight reaches a uniform draw in (0, total] (never one of
     weight 0). One random number per row, and much cheaper on a CPU than torch.multinomial."""
     cdf = probs.cumsum(dim=-1)
-    u = (1.0 - torch.rand(probs.size(0), 1, device=probs.device)) * cdf[:, -1:]
+    u = (1.0 - torch.rand(probs.size(0), 1, device=probs.device, generator=generator)) * cdf[:, -1:]
     return torch.searchsorted(cdf, u)
 
 
-def sample(logits, temperature=1.0, top_k=None, top_p=None):
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token id per row of logits (B, vocab): greedy for temperature 0, else drawn from
     softmax(logits / temperature), only among the top_k most likely tokens and the smallest set
     whose probability reaches top_p (nucleus sampling, Holtzman et al. 2019); a token must be
-    in both."""
+    in both. generator: a torch.Generator for the random draws (default: the global one)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = F.softmax(logits.float() / temperature, dim=-1)
     if top_k is not None and top_k < probs.size(-1):
         kth = torch.topk(probs, top_k).values[:, [-1]]
         probs = probs.masked_fill(probs < kth, 0.0)  # weight 0: never drawn
-    token = draw(probs)
+    token = draw(probs, generator)
     if top_p is None or top_p >= 1.0:
         return token
     assert top_p > 0, "top_p must be in (0, 1]"
@@ -287,4 +302,4 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
         inside = torch.where(probs > p, probs, 0.0).sum(dim=-1, keepdim=True) < top_p
         if inside.all():
             return token
-        token = torch.where(inside, token, draw(probs))
+        token = torch.where(inside, token, draw(probs, generator))

@@ -5,23 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import load_checkpoint, model_from_checkpoint
 from conftest import STORIES, run
 from engines import make_engine
 from prepare import read_stories
 from test_train import one_error_line, train
 
 import sentencepiece as spm
-
-
-@pytest.fixture(scope='module')
-def trained(data_dir, tmp_path_factory):
-    """A model of the default shape options (no biases), with a context of 64 tokens so that
-    decoding soon has to restart its window."""
-    out = tmp_path_factory.mktemp('engines')
-    train(data_dir, out, '--max_iters=200', '--eval_interval=200', '--block_size=64')
-    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
-    return out, ckpt, model_from_checkpoint(ckpt).eval()
 
 
 def all_logits(graph, ids, cfg):

@@ -145,16 +145,22 @@ def test_the_readme_python_snippets_run_as_written(exported, tmp_path):
     import subprocess
     import sys
     from conftest import ROOT
+    from test_serve import start
     text = (ROOT / 'README.md').read_text() + (ROOT / 'docs' / 'export.md').read_text()
     blocks = re.findall(r'```python\n(.*?)```', text, re.S)
-    assert len(blocks) >= 5
+    assert len(blocks) >= 6
     (tmp_path / 'out').symlink_to(exported)
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE='1')
-    for code in blocks:
-        p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=300)
-        # they sample, so a story may be short: that it runs and writes one is the check
-        assert p.returncode == 0 and p.stdout.strip(), code + p.stderr
+    server, port = start(tmp_path / 'out')  # for the openai client's snippet, on a free port
+    try:
+        for code in blocks:
+            p = subprocess.run([sys.executable, '-c', code.replace(':8000/', f':{port}/')], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=300)
+            # they sample, so a story may be short: that it runs and writes one is the check
+            assert p.returncode == 0 and p.stdout.strip(), code + p.stderr
+    finally:
+        server.terminate()
+        server.wait()
 
 
 @pytest.mark.parametrize('module, args, pip', [

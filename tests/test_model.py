@@ -193,6 +193,26 @@ def test_kv_cache_matches_full_recompute_every_step_across_block_size():
     assert n == 45 and len(seen) == 41
 
 
+@pytest.mark.parametrize("pos_emb", ["rope", "learned", "sinusoidal"])
+def test_a_batch_of_rows_at_their_own_positions_matches_each_row_alone(pos_emb):
+    """What a server's batch does: sequences of different lengths in rows of one cache, each
+    step one token per row at that row's position, equal to a full forward pass of each."""
+    model = tiny(block_size=32, pos_emb=pos_emb).eval()
+    cfg = model.config
+    seqs = [torch.randint(0, 97, (1, n)) for n in (3, 11, 7)]
+    cache = torch.empty(cfg.n_layer, 2, 3, cfg.n_head, 32, cfg.n_embd // cfg.n_head)
+    with torch.no_grad():
+        for i, s in enumerate(seqs):
+            model(s, cache=cache[:, :, i:i + 1])  # each prompt into its own row
+        for _ in range(12):
+            token = torch.randint(0, 97, (3, 1))
+            pos = torch.tensor([s.size(1) for s in seqs])
+            logits = model(token, cache=cache, pos=pos)[0][:, -1]
+            seqs = [torch.cat((s, token[[i]]), 1) for i, s in enumerate(seqs)]
+            for i, s in enumerate(seqs):
+                torch.testing.assert_close(logits[i], model(s)[0][0, -1], rtol=0, atol=1e-5)
+
+
 def test_prompt_longer_than_block_size_is_cropped():
     model = tiny(block_size=16).eval()
     idx = torch.randint(0, 97, (1, 40))
