@@ -49,7 +49,7 @@ def completion(host, port, seed):
     conn.request('POST', '/v1/completions', json.dumps(body), {'Content-Type': 'application/json'})
     response = conn.getresponse()
     if response.status != 200:
-        die(f"the server answered {response.status}: {response.read()[:200]!r}")
+        raise RuntimeError(f"the server answered {response.status}: {response.read()[:200]!r}")
     first = last = None
     tokens = 0
     for line in response:  # server-sent events: 'data: {...}' lines
@@ -69,11 +69,15 @@ def completion(host, port, seed):
 
 def load(host, port, n):
     """n clients at once, each `requests` completions in turn."""
-    results, lock = [], threading.Lock()
+    results, errors, lock = [], [], threading.Lock()
 
     def client(k):
         for r in range(requests):
-            res = completion(host, port, seed=1000 * k + r)
+            try:
+                res = completion(host, port, seed=1000 * k + r)
+            except (OSError, RuntimeError, http.client.HTTPException) as e:
+                errors.append(e)
+                continue
             with lock:
                 results.append(res)
     t0 = time.perf_counter()
@@ -83,7 +87,11 @@ def load(host, port, n):
     for w in workers:
         w.join()
     wall = time.perf_counter() - t0
+    if errors:
+        die(f"{len(errors)} of {n * requests} requests failed, the first: {errors[0]}")
     done = [r for r in results if r is not None]
+    if not done:
+        die("no request got any text: is max_tokens 0?")
     q = lambda xs, p: statistics.quantiles(xs, n=100, method='inclusive')[p - 1] if len(xs) > 1 else xs[0]
     ttft, tpot = [r[0] for r in done], [r[1] for r in done]
     return {'name': f'serve {n} clients', 'clients': n, 'requests': len(results),
@@ -118,9 +126,12 @@ if __name__ == '__main__':
     else:
         proc, port = start_server()
         host = '127.0.0.1'
+    results = []
     try:
-        completion(host, port, seed=0)  # warm-up
-        results = []
+        try:
+            completion(host, port, seed=0)  # warm-up
+        except (OSError, RuntimeError) as e:
+            die(f"no answer from http://{host}:{port} ({e})")
         for n in counts:
             res = load(host, port, n)
             results.append(res)

@@ -7,9 +7,13 @@ $ python serve.py                                  # out/ckpt.pt on http://127.0
 $ curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "Once upon a time", "max_tokens": 100}'
 """
+import hmac
 import json
 import os
 import queue
+import re
+import select
+import socket
 import sys
 import threading
 import time
@@ -21,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import sentencepiece as spm
 import torch
 
-from common import configure, die, load_checkpoint, model_from_checkpoint, pick_device
+from common import configure, die, first_line, load_checkpoint, model_from_checkpoint, pick_device
 from engines import ENGINES
 from inference import optimize_for_inference
 from model import sample
@@ -91,6 +95,7 @@ class Batcher:
 
     def submit(self, seqs):
         with self.cond:
+            self.waiting = [s for s in self.waiting if not s.done]  # gone before their turn
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise BadRequest(f"the server is busy ({len(self.rows)} sequences decoding, "
                                  f"{len(self.waiting)} waiting): retry later", status=429,
@@ -106,11 +111,12 @@ class Batcher:
                         self.cond.wait()
                     live, free = [s for s in self.waiting if not s.done], self.max_batch - len(self.rows)
                     new, self.waiting = live[:free], live[free:]
+                taken = self.rows + new
                 try:
                     self.iterate(new)
                 except Exception:  # a bug must not stop the server: end these requests, go on
                     traceback.print_exc()
-                    for s in self.rows + new:
+                    for s in taken:
                         s.out.put((s.index, None, 'error'))
                     self.rows = []
 
@@ -209,6 +215,10 @@ def parse_completion(body, sp, block_size, limit, max_batch):
                          "(token arrays are not supported)", 'prompt')
     if len(prompts) * p['n'] > max_batch:
         raise BadRequest(f"prompts times n must be at most {max_batch}", 'n')
+    try:
+        [t.encode('utf-8') for t in prompts]
+    except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); text does not
+        raise BadRequest("'prompt' must be valid Unicode text", 'prompt') from None
     # a story starts with its begin-of-story token; SentencePiece adds the leading-space marker
     p['prompts'] = [(text, [sp.bos_id()] + sp.encode(text)) for text in prompts]
     for text, ids in p['prompts']:
@@ -270,7 +280,8 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in headers:
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != 'HEAD':
+            self.wfile.write(data)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a malformed request line, a URI too long), as JSON."""
@@ -282,13 +293,15 @@ class Handler(BaseHTTPRequestHandler):
     def error(self, e):
         # the connection closes: a body not read (or half read) must not pass for a request
         self.close_connection = True
-        headers = [('Connection', 'close')] + ([('Retry-After', '1')] if e.status == 429 else [])
+        headers = [('Connection', 'close')] + ([('Retry-After', '1')] if e.status == 429 else []) + \
+            ([('Allow', 'GET, HEAD, POST')] if e.status == 405 else [])
         self.answer(e.status, {'error': {'message': str(e), 'type': e.kind, 'param': e.param,
                                          'code': e.code}}, headers=headers)
 
     def authorised(self):
         app = self.server.app
-        if not app.api_key or self.headers.get('Authorization', '') == f'Bearer {app.api_key}':
+        given = self.headers.get('Authorization', '').encode()
+        if not app.api_key or hmac.compare_digest(given, f'Bearer {app.api_key}'.encode()):
             return True
         self.error(BadRequest("a valid API key is needed: 'Authorization: Bearer KEY'",
                               status=401, code='invalid_api_key'))
@@ -296,6 +309,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         app, path = self.server.app, self.path.split('?')[0]
+        if 'Content-Length' in self.headers or 'Transfer-Encoding' in self.headers:
+            self.close_connection = True  # a body it does not read must not pass for a request
         if path == '/':
             self.answer(200, app.page, 'text/html; charset=utf-8')
         elif path == '/health':
@@ -323,27 +338,53 @@ class Handler(BaseHTTPRequestHandler):
             body = self.read_json()
             self.complete(parse_completion(body, self.server.app.sp, *self.server.app.limits))
         except BadRequest as e:
-            if self.streaming:  # too late for a status: the stream just ends
-                self.close_connection = True
-            else:
-                self.error(e)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # the client left; its sequences were let go
+            self.refuse(e)
+        except OSError:  # the client left (or stopped reading); its sequences were let go
+            self.close_connection = True
+        except Exception as e:  # a bug: say so, keep serving
+            traceback.print_exc()
+            self.refuse(BadRequest(f"the server failed on this request ({type(e).__name__}; it "
+                                   f"printed why)", status=500, kind='server_error'))
+
+    def refuse(self, e):
+        if not self.streaming:
+            return self.error(e)
+        self.close_connection = True  # too late for a status: an error event, and no [DONE]
+        try:
+            self.event({'error': {'message': str(e), 'type': e.kind, 'param': e.param, 'code': e.code}})
+        except OSError:
+            pass
+
+    do_HEAD = do_GET  # the same headers, no body (answer() leaves it out)
 
     def other_method(self):
         self.error(BadRequest(f"method {self.command} is not allowed here: use GET or POST", status=405))
-    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = other_method
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = other_method
 
     def read_json(self):
-        length = self.headers.get('Content-Length')
-        if length is None or not length.isdigit():
+        length = self.headers.get('Content-Length', '')
+        if not re.fullmatch(r'[0-9]{1,12}', length):
             raise BadRequest("send the JSON body with a Content-Length header", status=411)
         if int(length) > MAX_BODY:
             raise BadRequest(f"the request body is over {MAX_BODY} bytes", status=413)
         try:
             return json.loads(self.rfile.read(int(length)))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the request body is not valid JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise BadRequest(f"the request body is not valid JSON ({first_line(e, 80)})") from None
+
+    def event(self, data):
+        """One server-sent event."""
+        self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+        self.wfile.flush()
+
+    def client_gone(self):
+        """Whether the client has closed its connection (it may be waiting for a whole answer)."""
+        if not select.select([self.connection], [], [], 0)[0]:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b''
+        except OSError:
+            return True
 
     def complete(self, p):
         app, out = self.server.app, queue.Queue()
@@ -366,22 +407,22 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header('Connection', 'close')  # the stream ends when the connection does
                 self.end_headers()
                 self.streaming = self.close_connection = True
-
-                def send(data):
-                    self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
-                    self.wfile.flush()
+                if p['usage_chunk']:
+                    head['usage'] = None  # on every chunk but the last, as OpenAI does
                 for i, (text, _) in enumerate(prompts if p['echo'] else []):
-                    send({**head, 'choices': [chunk(i, text, None)]})
+                    self.event({**head, 'choices': [chunk(i, text, None)]})
+                for i, c in enumerate(choices if p['max_tokens'] == 0 else []):
+                    self.event({**head, 'choices': [chunk(i, '', c.reason)]})
             for i in self.events(out, seqs, choices):
                 text = choices[i].fresh()
                 if p['stream'] and (text or choices[i].reason):
-                    send({**head, 'choices': [chunk(i, text, choices[i].reason)]})
+                    self.event({**head, 'choices': [chunk(i, text, choices[i].reason)]})
             usage = {'prompt_tokens': sum(len(ids) for _, ids in prompts),
                      'completion_tokens': sum(len(c.ids) for c in choices)}
             usage['total_tokens'] = usage['prompt_tokens'] + usage['completion_tokens']
             if p['stream']:
                 if p['usage_chunk']:
-                    send({**head, 'choices': [], 'usage': usage})
+                    self.event({**head, 'choices': [], 'usage': usage})
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
             else:
@@ -394,9 +435,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def events(self, out, seqs, choices):
         """The index of the choice each new token went to, until every choice has ended."""
-        left = sum(c.reason is None for c in choices)
+        left, checked = sum(c.reason is None for c in choices), time.monotonic()
         while left:
-            i, token, *reason = out.get()
+            if time.monotonic() - checked > 0.5:  # a client waiting for a whole answer may leave
+                if self.client_gone():
+                    raise ConnectionResetError
+                checked = time.monotonic()
+            try:
+                i, token, *reason = out.get(timeout=0.5)
+            except queue.Empty:
+                continue
             c = choices[i]
             if c.reason is not None:
                 continue  # ended by a stop string: what the batch still sent is not wanted
@@ -451,7 +499,7 @@ class Server(ThreadingHTTPServer):
     """A thread per connection, up to MAX_CONNECTIONS; beyond that a 503 at once."""
     daemon_threads = True  # connections still open do not hold the process at Ctrl-C
     request_queue_size = 128  # connections waiting to be accepted (the default, 5, drops a burst)
-    connections = 0
+    connections, lock = 0, threading.Lock()
 
     def process_request(self, request, client_address):
         if self.connections >= MAX_CONNECTIONS:
@@ -459,14 +507,16 @@ class Server(ThreadingHTTPServer):
                             b"Retry-After: 1\r\nConnection: close\r\n\r\n")
             self.shutdown_request(request)
             return
-        self.connections += 1  # only this thread, the listener, counts up
+        with self.lock:
+            self.connections += 1
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.connections -= 1
+            with self.lock:
+                self.connections -= 1
 
 
 if __name__ == '__main__':
