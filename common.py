@@ -219,9 +219,38 @@ def load_checkpoint(path, device='cpu'):
     except Exception as e:  # damaged bytes fail in many ways (EOFError, IndexError, KeyError...)
         die(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first_line(e)}): "
             f"use another checkpoint or retrain")
+    if isinstance(ckpt, dict) and 'lora' in ckpt:
+        return with_base(ckpt, path, device)
     if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
         die(f"{path} is not a checkpoint made by train.py (no 'model' and 'model_args')")
     return ckpt
+
+
+def sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def with_base(adapter, path, device):
+    """A LoRA run's checkpoint (its adapter only) with the base it was trained on: 'model' is
+    the base with the adapter merged in, so that it loads like any checkpoint; 'base_model' is
+    the base alone (train.py resumes from it). The base must be the very file it was trained on."""
+    base_path = adapter['base']
+    if not os.path.isfile(base_path):
+        die(f"{path} is a LoRA adapter of {base_path}, which is not there: put that checkpoint "
+            f"back where it was")
+    if sha256(base_path) != adapter['base_sha256']:
+        die(f"{base_path} is not the checkpoint that the LoRA adapter {path} was trained on (its "
+            f"SHA-256 differs): restore that base, or fine-tune again from this one")
+    from lora import merge
+    base = load_checkpoint(base_path, device)
+    args = adapter['lora_args']
+    merged = merge(base['model'], adapter['lora'], args['lora_alpha'] / args['lora_rank'])
+    return {**adapter, 'model': merged, 'base_model': base['model']}
 
 
 def model_from_checkpoint(ckpt, path='checkpoint'):

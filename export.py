@@ -5,6 +5,7 @@ $ python export.py --format=hf                 # out/ckpt.pt -> out/hf/, for Hug
 $ python export.py --format=gguf               # out/ckpt.pt -> out/model-f32.gguf, for llama.cpp
 $ python export.py --format=gguf --quant=q8_0  # 8-bit weights (also f16)
 $ python export.py --format=onnx               # out/ckpt.pt -> out/model.onnx, for ONNX Runtime and OpenVINO
+$ python export.py --format=peft               # a LoRA run's adapter -> out/peft/, for peft on the base's hf
 
 The hf folder loads anywhere with transformers (pip install transformers), no code of ours:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,7 +34,7 @@ from model import apply_rope
 # -----------------------------------------------------------------------------
 out_dir = 'out'
 ckpt_name = 'ckpt.pt'
-format = 'hf'            # 'hf': a transformers folder (safetensors, config, tokenizer); 'gguf': llama.cpp; 'onnx'
+format = 'hf'            # 'hf': a transformers folder (safetensors, config, tokenizer); 'gguf': llama.cpp; 'onnx'; 'peft'
 out = ''                 # where to write; '' = out_dir/hf, out_dir/model-{quant}.gguf or out_dir/model.onnx
 quant = 'f32'            # gguf weights: 'f32', 'f16' or 'q8_0' (norms and biases stay f32)
 # -----------------------------------------------------------------------------
@@ -125,6 +126,50 @@ def export_hf(ckpt, path):
     PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk,
                             model_max_length=args['block_size']).save_pretrained(path)
     print(f"wrote {path}: a Starcoder2ForCausalLM model and its tokenizer for transformers")
+
+
+def export_peft(ckpt, path):
+    """A LoRA run's adapter in PEFT's format, for the base's --format=hf export: each of our
+    Linears under Starcoder2's names (c_attn's update split into q, k and v, which share A)."""
+    if 'lora' not in ckpt:
+        die("--format=peft exports a LoRA adapter: this checkpoint is a whole model (use --format=hf)")
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        die("--format=peft needs safetensors: pip install safetensors")
+    import json
+    args, lora = model_args(ckpt, 'peft'), ckpt['lora_args']
+    C, nh = args['n_embd'], args['n_head']
+    out, targets = {}, set()
+
+    def adapter(name, A, B):
+        out[f'base_model.model.{name}.lora_A.weight'] = A.float().clone()  # q, k, v: one A each
+        out[f'base_model.model.{name}.lora_B.weight'] = B.float().contiguous()
+        targets.add(name.rsplit('.', 1)[1])
+
+    for key, A in ckpt['lora'].items():
+        if not key.endswith('.lora_A'):
+            continue
+        module = key[:-len('.lora_A')]
+        B = ckpt['lora'][f'{module}.lora_B']
+        i, where = module.split('.')[2], module.split('.', 3)[3]  # 'transformer.h.{i}.attn.c_attn'
+        m = f'model.layers.{i}'
+        if where == 'attn.c_attn':  # q and k rows in transformers' RoPE order, as hf_state does
+            for Bj, name in zip(B.split(C), 'qkv'):
+                adapter(f'{m}.self_attn.{name}_proj', A, rotate_half_order(Bj, nh) if name in 'qk' else Bj)
+        else:
+            adapter(f'{m}.' + {'attn.c_proj': 'self_attn.o_proj', 'mlp.c_fc': 'mlp.c_fc',
+                               'mlp.c_proj': 'mlp.c_proj'}[where], A, B)
+    os.makedirs(path, exist_ok=True)
+    save_file(out, os.path.join(path, 'adapter_model.safetensors'), metadata={'format': 'pt'})
+    config = {'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': lora['lora_rank'],
+              'lora_alpha': lora['lora_alpha'], 'lora_dropout': 0.0, 'bias': 'none',
+              'target_modules': sorted(targets), 'fan_in_fan_out': False, 'inference_mode': True,
+              'base_model_name_or_path': os.path.join(os.path.dirname(ckpt['base']), 'hf')}
+    with open(os.path.join(path, 'adapter_config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+    print(f"wrote {path}: the LoRA adapter for peft, on the base's export (python export.py "
+          f"--format=hf --out_dir={os.path.dirname(ckpt['base'])})")
 
 
 def export_gguf(ckpt, path, quant='f32'):
@@ -253,11 +298,13 @@ def export_onnx(ckpt, path):
 
 if __name__ == '__main__':
     configure(globals())
-    if format not in ('hf', 'gguf', 'onnx'):
-        die(f"bad value format={format!r}: use 'hf', 'gguf' or 'onnx'")
+    if format not in ('hf', 'gguf', 'onnx', 'peft'):
+        die(f"bad value format={format!r}: use 'hf', 'gguf', 'onnx' or 'peft'")
     ckpt = load_checkpoint(os.path.join(out_dir, ckpt_name))
-    if format == 'hf':
+    if format == 'hf':  # a LoRA run's checkpoint: its base with the adapter merged in
         export_hf(ckpt, out or os.path.join(out_dir, 'hf'))
+    elif format == 'peft':
+        export_peft(ckpt, out or os.path.join(out_dir, 'peft'))
     elif format == 'onnx':
         path = out or os.path.join(out_dir, 'model.onnx')
         export_onnx(ckpt, path)

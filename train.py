@@ -8,6 +8,8 @@ $ torchrun --standalone --nproc_per_node=4 train.py config/tinystories_20m.py
 Several machines: the same with --nnodes, --node_rank and --rdzv_endpoint (see README.md).
 Continue a run (its settings come from the checkpoint; flags given here override them):
 $ python train.py --init_from=resume --max_iters=3000
+Fine-tune a trained model (all of it, or a LoRA adapter with lora_rank > 0):
+$ python train.py config/finetune_words.py --init_from=out/ckpt.pt --lora_rank=8
 """
 import csv
 import math
@@ -32,7 +34,8 @@ out_dir = 'out'
 eval_interval = 250      # evaluate, log to CSV and checkpoint every this many iterations
 log_interval = 10
 eval_iters = 40          # batches per evaluation (the same batches every time)
-init_from = 'scratch'    # 'scratch', or 'resume' (out_dir/last.pt, with the settings it was run with)
+init_from = 'scratch'    # 'scratch', 'resume' (out_dir/last.pt, with the settings it was run with),
+                         # or the path of a checkpoint to fine-tune from
 patience = 0             # stop after this many evaluations without a better val loss; 0 = never
 # data (made by prepare.py)
 data_dir = 'data'
@@ -50,6 +53,10 @@ attn_dropout = 0.0       # dropout on the attention weights too (nanoGPT: = drop
 bias = False
 pos_emb = 'rope'         # 'rope', 'learned' or 'sinusoidal'
 grad_checkpoint = False  # recompute activations in backward: less memory, more time
+# LoRA fine-tuning (lora.py), from init_from=PATH: only the adapter trains, and only it is saved
+lora_rank = 0            # 0 = off: fine-tuning trains every weight
+lora_alpha = 16.0        # the update is scaled by lora_alpha / lora_rank
+lora_targets = 'c_attn,c_proj,c_fc'  # the Linears inside the blocks that get an adapter
 # AdamW and the learning-rate schedule: linear warmup, then cosine decay to min_lr
 learning_rate = 1e-3
 max_iters = 2000
@@ -79,17 +86,17 @@ from prepare import load_meta, tok_dir  # noqa: E402
 # A resumed run continues the run it resumes: the checkpoint's settings are the base, and what
 # the command line sets overrides them.
 ckpt = None
+SHAPE = ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'pos_emb')
 if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, 'last.pt')
     ckpt = load_checkpoint(ckpt_path if os.path.exists(ckpt_path) else os.path.join(out_dir, 'ckpt.pt'))
     for k, v in ckpt['config'].items():
         if k in config and k not in given | {'init_from', 'out_dir'}:
             config[k] = globals()[k] = v
-    shape = ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'pos_emb')
     for k in sorted(given - {'init_from', 'out_dir'}):
         was = ckpt['config'].get(k)
-        if k in shape and config[k] != ckpt['model_args'][k]:
-            die(f"{k}={config[k]!r} does not fit the checkpoint's model ({k}={ckpt['model_args'][k]!r}): "
+        if k in SHAPE + ('lora_rank', 'lora_targets') and config[k] != was:
+            die(f"{k}={config[k]!r} does not fit the checkpoint's model ({k}={was!r}): "
                 f"the shape of a resumed model cannot change")
         if k in ckpt['config'] and config[k] != was and int(os.environ.get('RANK', 0)) == 0:
             print(f"resume: {k} = {config[k]!r} (the run had {was!r})")
@@ -104,9 +111,24 @@ for key, ok, need in [
         ('n_embd', n_embd > 0 and n_head > 0 and n_embd % n_head == 0 and n_embd // n_head % 2 == 0,
          'a multiple of n_head with an even head size (RoPE rotates pairs)'),
         ('grad_clip', grad_clip >= 0, '>= 0 (0 = off)'), ('patience', patience >= 0, '>= 0 (0 = off)'),
-        ('init_from', init_from in ('scratch', 'resume'), "'scratch' or 'resume'")]:
+        ('init_from', init_from in ('scratch', 'resume') or os.path.isfile(init_from),
+         "'scratch', 'resume' or the path of a checkpoint (no such file)"),
+        ('lora_rank', lora_rank >= 0, '>= 0 (0 = off)'), ('lora_alpha', lora_alpha > 0, '> 0')]:
     if not ok:
         die(f"bad value {key}={config[key]!r}: it must be {need}")
+# fine-tuning: the model, its shape and its tokenizer come from the checkpoint it starts from
+base, base_path = None, init_from if init_from not in ('scratch', 'resume') else None
+if base_path:
+    base = load_checkpoint(base_path)
+    for k in SHAPE:
+        if k in given and config[k] != base['model_args'][k]:
+            die(f"{k}={config[k]!r} does not fit {base_path}'s model ({k}={base['model_args'][k]!r}): "
+                f"fine-tuning keeps the shape of the model it starts from")
+        config[k] = globals()[k] = base['model_args'][k]
+    block_size = config['block_size'] = min(block_size, base['model_args']['block_size'])
+if lora_rank and (init_from == 'scratch' or muon):
+    die("lora_rank > 0 fine-tunes a trained model with AdamW: set --init_from=PATH of its "
+        "checkpoint (and --muon=False)")
 
 # distributed data parallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -140,7 +162,7 @@ autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, 
 log = print if master else (lambda *a, **k: None)
 
 # ---------------------------------------------------------------------------- resume or start
-if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'last.pt')):
+if init_from != 'resume' and os.path.exists(os.path.join(out_dir, 'last.pt')):
     die(f"{out_dir} already holds a training run: continue it with --init_from=resume, or "
         f"choose another --out_dir (nothing was overwritten)")
 if ckpt is not None:
@@ -179,17 +201,23 @@ for split in ('train', 'val'):
     data[split] = path
 with open(os.path.join(data_path, meta['tokenizer_model']), 'rb') as f:
     tokenizer_proto = f.read()
-if ckpt is not None and ckpt['tokenizer'] != tokenizer_proto:
+if (ckpt or base) is not None and (ckpt or base)['tokenizer'] != tokenizer_proto:
     die(f"the tokenizer in {data_path} is not the one the checkpoint was trained with (prepare.py "
-        f"was rerun?): resume with the data it was trained on, or train from scratch")
+        f"was rerun?): use data prepared with that checkpoint's tokenizer, or train from scratch")
 bytes_per_token = meta['val_bytes'] / meta['val_tokens']  # turns nats/token into bits/byte
 
 
 def get_batch(split, ix):
-    """Sequences starting at offsets ix; a fresh memmap each time, so memory stays flat."""
+    """Sequences starting at offsets ix; a fresh memmap each time, so memory stays flat. Where a
+    task's data has a mask beside it (words.py), the targets it marks 0 are not scored."""
     arr = np.memmap(data[split], dtype=np.uint16, mode='r')
     x = torch.stack([torch.from_numpy(arr[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
     y = torch.stack([torch.from_numpy(arr[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    mask_path = data[split][:-len('.bin')] + '.mask.bin'
+    if os.path.exists(mask_path):
+        mask = np.memmap(mask_path, dtype=np.uint8, mode='r')
+        scored = torch.stack([torch.from_numpy(mask[i + 1:i + 1 + block_size] == 1) for i in ix.tolist()])
+        y[~scored] = -100  # cross_entropy's ignore_index
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -207,15 +235,32 @@ data_gen = torch.Generator().manual_seed(seed)
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                   vocab_size=vocab_size, dropout=dropout, attn_dropout=attn_dropout, bias=bias,
                   pos_emb=pos_emb)
-if ckpt is None:
+lora_base = None  # a LoRA run: (path, SHA-256) of the checkpoint it adapts
+if ckpt is None and base is None:
     model = GPT(GPTConfig(**model_args))
     iter_num, best_val_loss, bad_evals = 0, float('inf'), 0
 else:
-    ckpt['model_args'].update(dropout=dropout, attn_dropout=attn_dropout)  # these may change
-    model = model_from_checkpoint(ckpt, ckpt_path)
+    start = ckpt or base
+    start['model_args'].update(dropout=dropout, attn_dropout=attn_dropout)  # these may change
+    if ckpt is not None and 'lora' in ckpt:  # resuming a LoRA run: its base, the adapter below
+        lora_base = start['base'], start['base_sha256']
+        start = {**start, 'model': start['base_model']}
+    model = model_from_checkpoint(start, ckpt_path if ckpt else base_path)
     if block_size < model.config.block_size:  # train on shorter sequences: crop the RoPE tables
         model.config.block_size = block_size
-    model_args['block_size'] = ckpt['model_args']['block_size']
+    model_args['block_size'] = start['model_args']['block_size']
+    iter_num, best_val_loss, bad_evals = 0, float('inf'), 0
+if lora_rank:
+    from common import sha256
+    from lora import add_lora
+    wrapped = add_lora(model, lora_rank, lora_alpha, lora_targets)
+    if not wrapped:
+        die(f"lora_targets={lora_targets!r} names no Linear inside the blocks: use some of c_attn, c_proj, c_fc")
+    if lora_base is None:  # a new LoRA run on init_from
+        lora_base = os.path.abspath(base_path), sha256(base_path)
+    elif model.load_state_dict(ckpt['lora'], strict=False).unexpected_keys:
+        die(f"{ckpt_path}'s adapter does not fit lora_targets={lora_targets!r}: the file is damaged")
+if ckpt is not None:
     iter_num, best_val_loss, bad_evals = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['bad_evals']
     if rank == 0:
         torch.set_rng_state(ckpt['rng'])
@@ -233,7 +278,7 @@ if ckpt is not None:
             f"setting it was trained with ({ckpt['config'].get('muon', False)})")
     log(f"resuming from iteration {iter_num} (best val loss {best_val_loss:.4f})")
 resumed_at = iter_num if ckpt is not None else None
-ckpt = None  # free the memory
+ckpt = base = start = None  # free the memory
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 raw_model = model  # checkpoints are saved from this one: no '_orig_mod.' or 'module.' prefixes
 if ipex:
@@ -247,10 +292,16 @@ peak = peak_flops(device, 'float32' if device_type == 'cpu' else dtype) if maste
 tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
 log(f"{raw_model.get_num_params():,} parameters; device {device} {dtype}; {world_size} process(es); "
     f"{meta['train_tokens']:,} train tokens; {tokens_per_iter:,} tokens/iter")
+if lora_rank:
+    n = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    log(f"LoRA rank {lora_rank} on {len(wrapped)} Linears: {n:,} trainable parameters "
+        f"({n / (raw_model.get_num_params() - n):.2%} of the base model), the base frozen")
 # Regularisation fits how often the run sees its data: up to about 4 passes, repeated text is
 # worth nearly as much as new (Muennighoff et al. 2023); far beyond, a model memorises it.
 passes = max_iters * tokens_per_iter / meta['train_tokens']
-if passes > 4 and dropout == 0:
+if base_path:
+    pass  # fine-tuning: a few passes over a task's data are the point
+elif passes > 4 and dropout == 0:
     log(f"note: {max_iters:,} iterations read the training data {passes:.0f} times: a small corpus, "
         "which this model will memorise without dropout; config/tinystories_cpu_small.py is the recipe for it")
 elif 0 < passes < 1 and dropout > 0:
@@ -288,11 +339,17 @@ def get_lr(it):
 def checkpoint_state():
     """Everything needed to continue exactly: on one process a resumed run repeats the losses of
     an uninterrupted one bit for bit (under DDP only rank 0's dropout RNG is kept)."""
-    return {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'model_args': model_args, 'config': config, 'iter_num': iter_num,
-            'best_val_loss': best_val_loss, 'bad_evals': bad_evals, 'rng': torch.get_rng_state(),
-            'data_rng': data_gen.get_state(), 'tokenizer': tokenizer_proto,
-            'meta': {k: v for k, v in meta.items() if isinstance(v, (int, float, str))}}
+    state = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+             'model_args': model_args, 'config': config, 'iter_num': iter_num,
+             'best_val_loss': best_val_loss, 'bad_evals': bad_evals, 'rng': torch.get_rng_state(),
+             'data_rng': data_gen.get_state(), 'tokenizer': tokenizer_proto,
+             'meta': {k: v for k, v in meta.items() if isinstance(v, (int, float, str))}}
+    if lora_rank:  # the adapter instead of the model, and where its base is
+        from lora import lora_state
+        del state['model']
+        state.update(lora=lora_state(raw_model), base=lora_base[0], base_sha256=lora_base[1],
+                     lora_args={'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'lora_targets': lora_targets})
+    return state
 
 
 # ---------------------------------------------------------------------------- training loop

@@ -1,0 +1,173 @@
+"""
+The Words task (as TinyStories-Instruct prompts a story): write a story that uses given words.
+
+$ python words.py                                  # data/tok4096 -> data/words/tok4096
+$ python train.py config/finetune_words.py --init_from=out/ckpt.pt --lora_rank=8
+$ python words.py --score=out-words                # held-out prompts: does each story use every word?
+
+Each story of the prepared splits becomes the prompt "Words: w1, w2, w3" + "\\nStory:" and then the
+story, the words being three of its content words, picked by a hash of the story (the same
+every time). The splits stay the splits: the task's test prompts come from stories that no
+training saw. A model trained for many passes over a small corpus knows its training stories by
+heart, and fine-tuning on them only deepens that: --train_text=FILE takes other stories for the
+task's training split. Beside each .bin, a .mask.bin marks the tokens training scores: the story's
+and its end, not the prompt's.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+from common import configure, die, load_checkpoint, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+data_dir = 'data'        # where prepare.py wrote the stories (data_dir/tok{vocab_size})
+vocab_size = 4096
+out_data_dir = 'data/words'  # the task's splits, in the same layout (train.py --data_dir=...)
+train_text = ''          # a file of other stories for the training split (prepare.py's formats):
+                         # stories the model has not learned by heart, where its own are few
+n_words = 3
+score = ''               # an out_dir: score its checkpoint on the test split's prompts instead
+ckpt_name = 'ckpt.pt'
+prompts = 200            # held-out prompts scored
+temperature = 0.8        # sampling as sample.py does
+top_p = 0.95
+max_new_tokens = 300
+batch_size = 16          # prompts decoded at once
+seed = 1337
+threads = 0
+json_out = False         # also print the result as one JSON object
+# -----------------------------------------------------------------------------
+
+SPLITS = ('train', 'val', 'test')
+# words too common to be a task: function words and the verbs every story has
+COMMON = set("""the and but for nor yet with from into onto upon over under about after before
+again then than that this these those there their they them she her hers him his its our ours
+you your yours are was were been being have has had does did not yes all any can could would
+should will just very too also one two some more most much many other own same such only now
+when where why how what who which while said says say went come came get got see saw look
+looked like liked want wanted let day time once""".split())
+
+
+def content_words(story):
+    """The story's words a task can ask for: three letters or more, not among COMMON, and
+    written in lower case somewhere in it (so not only a name)."""
+    words = re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)*", story)
+    return sorted({w for w in words if w.islower() and "'" not in w and len(w) >= 3 and w not in COMMON})
+
+
+def pick_words(story, n=3):
+    """n of the story's content words, the same every time for the same story (None if fewer)."""
+    words = content_words(story)
+    if len(words) < n:
+        return None
+    rng = random.Random(int(hashlib.sha256(story.encode('utf-8')).hexdigest()[:16], 16))
+    return rng.sample(words, n)
+
+
+def prompt_text(words):
+    return f"Words: {', '.join(words)}\nStory:"
+
+
+def uses(story, word):
+    """Whether the story has the word as a whole word, in any case."""
+    return re.search(rf"\b{re.escape(word)}\b", story, re.IGNORECASE) is not None
+
+
+def read_split(src, split, sp, bos):
+    """The stories of a prepared split, as text."""
+    ids = np.fromfile(os.path.join(src, f'{split}.bin'), dtype=np.uint16)
+    starts = np.flatnonzero(ids == bos)
+    ends = np.append(starts[1:], len(ids)) - 1  # each story's EOS
+    return [sp.decode(ids[s + 1:e].tolist()) for s, e in zip(starts, ends)]
+
+
+def make(src, dst):
+    """The task's splits from the prepared ones (or train_text's stories), the same tokenizer."""
+    from prepare import load_meta, write_json
+    meta = load_meta(src)
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(src, meta['tokenizer_model']))
+    os.makedirs(dst, exist_ok=True)
+    out = {k: meta[k] for k in ('vocab_size', 'tokenizer', 'tokenizer_model', 'tokenizer_pieces',
+                                'bos_id', 'eos_id')}
+    for split in SPLITS:
+        ids, mask, n_bytes, n = [], [], 0, 0
+        if split == 'train' and train_text:
+            from prepare import read_stories
+            stories = read_stories(train_text)
+        else:
+            stories = read_split(src, split, sp, meta['bos_id'])
+        for story in stories:
+            words = pick_words(story, n_words)
+            if words is None:
+                continue
+            head, body = [meta['bos_id']] + sp.encode(prompt_text(words)), sp.encode(story) + [meta['eos_id']]
+            ids += head + body
+            mask += [0] * len(head) + [1] * len(body)  # scored: the story and its end
+            n_bytes += len((prompt_text(words) + ' ' + story).encode('utf-8'))
+            n += 1
+        for name, values, dtype in ((f'{split}.bin', ids, np.uint16), (f'{split}.mask.bin', mask, np.uint8)):
+            np.array(values, dtype=dtype).tofile(os.path.join(dst, name + '.tmp'))
+            os.replace(os.path.join(dst, name + '.tmp'), os.path.join(dst, name))
+        out.update({f'{split}_tokens': len(ids), f'{split}_bytes': n_bytes, f'{split}_stories': n})
+        print(f"{split}: {n:,} prompts and stories, {len(ids):,} tokens, {sum(mask):,} of them scored")
+    with open(os.path.join(src, meta['tokenizer_model']), 'rb') as f, \
+            open(os.path.join(dst, meta['tokenizer_model']), 'wb') as g:
+        g.write(f.read())
+    write_json({**out, 'source': src, 'train_text': train_text, 'task': 'words', 'dtype': 'uint16'},
+               os.path.join(dst, 'meta.json'))
+    print(f"wrote {dst}: train with --data_dir={os.path.dirname(dst)}")
+
+
+@torch.inference_mode()
+def word_use(model, sp, tasks):
+    """For each (words, prompt ids): the story the model writes, and how many words it uses."""
+    gen = torch.Generator().manual_seed(seed)
+    results = [None] * len(tasks)
+    order = sorted(range(len(tasks)), key=lambda i: len(tasks[i][1]))  # equal lengths batch together
+    while order:
+        n = len(tasks[order[0]][1])
+        batch = [i for i in order if len(tasks[i][1]) == n][:batch_size]
+        order = [i for i in order if i not in batch]
+        idx = torch.tensor([tasks[i][1] for i in batch])
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))  # the same draws each run
+        out = model.generate(idx, max_new_tokens, temperature, top_p=top_p, stop_token=sp.eos_id())
+        for row, i in zip(out[:, n:].tolist(), batch):
+            story = sp.decode(row[:row.index(sp.eos_id())] if sp.eos_id() in row else row)
+            results[i] = story, sum(uses(story, w) for w in tasks[i][0])
+    return results
+
+
+if __name__ == '__main__':
+    configure(globals())
+    if threads:
+        torch.set_num_threads(threads)
+    from prepare import tok_dir
+    if not score:
+        try:
+            make(tok_dir(data_dir, vocab_size), tok_dir(out_data_dir, vocab_size))
+        except (ValueError, OSError) as e:
+            die(str(e))
+        raise SystemExit
+    ckpt = load_checkpoint(os.path.join(score, ckpt_name))
+    model = model_from_checkpoint(ckpt).eval()
+    sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
+    src = tok_dir(data_dir, ckpt['model_args']['vocab_size'])
+    try:
+        from prepare import load_meta
+        stories = read_split(src, 'test', sp, load_meta(src)['bos_id'])
+    except (ValueError, OSError) as e:
+        die(str(e))
+    tasks = [(w, [sp.bos_id()] + sp.encode(prompt_text(w))) for w in map(pick_words, stories) if w][:prompts]
+    results = word_use(model, sp, tasks)
+    every = sum(k == n_words for _, k in results) / len(results)
+    share = sum(k for _, k in results) / (n_words * len(results))
+    print(f"{score}: {every:.1%} of {len(results)} held-out stories use every given word "
+          f"({share:.1%} of the words); example:\n{prompt_text(tasks[0][0])}{results[0][0]}")
+    if json_out:
+        print(json.dumps({'out_dir': score, 'prompts': len(results), 'every_word': every, 'words': share}))
