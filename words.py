@@ -32,6 +32,7 @@ out_data_dir = 'data/words'  # the task's splits, in the same layout (train.py -
 train_text = ''          # a file of other stories for the training split (prepare.py's formats):
                          # stories the model has not learned by heart, where its own are few
 n_words = 3
+max_train = 20000        # stories in the task's training split (the full dataset has 2.1M)
 score = ''               # an out_dir: score its checkpoint on the test split's prompts instead
 ckpt_name = 'ckpt.pt'
 prompts = 200            # held-out prompts scored
@@ -80,11 +81,17 @@ def uses(story, word):
 
 
 def read_split(src, split, sp, bos):
-    """The stories of a prepared split, as text."""
-    ids = np.fromfile(os.path.join(src, f'{split}.bin'), dtype=np.uint16)
-    starts = np.flatnonzero(ids == bos)
-    ends = np.append(starts[1:], len(ids)) - 1  # each story's EOS
-    return [sp.decode(ids[s + 1:e].tolist()) for s, e in zip(starts, ends)]
+    """The stories of a prepared split (.bin: BOS + ids + EOS each), as text, one at a time:
+    a split of gigabytes is read a million tokens at a time."""
+    ids = np.memmap(os.path.join(src, f'{split}.bin'), dtype=np.uint16, mode='r')
+    start, step = 0, 1 << 20
+    for at in range(0, len(ids), step):
+        for b in np.flatnonzero(ids[at:at + step] == bos) + at:
+            if b > start:
+                yield sp.decode(ids[start + 1:b - 1].tolist())  # up to its EOS
+            start = b
+    if len(ids):
+        yield sp.decode(ids[start + 1:len(ids) - 1].tolist())
 
 
 def make(src, dst):
@@ -107,15 +114,18 @@ def make(src, dst):
             if words is None:
                 continue
             head, body = [meta['bos_id']] + sp.encode(prompt_text(words)), sp.encode(story) + [meta['eos_id']]
-            ids += head + body
-            mask += [0] * len(head) + [1] * len(body)  # scored: the story and its end
+            ids.append(np.array(head + body, dtype=np.uint16))
+            mask.append(np.array([0] * len(head) + [1] * len(body), dtype=np.uint8))  # scored: the story
             n_bytes += len((prompt_text(words) + ' ' + story).encode('utf-8'))
             n += 1
-        for name, values, dtype in ((f'{split}.bin', ids, np.uint16), (f'{split}.mask.bin', mask, np.uint8)):
-            np.array(values, dtype=dtype).tofile(os.path.join(dst, name + '.tmp'))
+            if split == 'train' and n == max_train:
+                break
+        ids, mask = np.concatenate(ids), np.concatenate(mask)
+        for name, values in ((f'{split}.bin', ids), (f'{split}.mask.bin', mask)):
+            values.tofile(os.path.join(dst, name + '.tmp'))
             os.replace(os.path.join(dst, name + '.tmp'), os.path.join(dst, name))
         out.update({f'{split}_tokens': len(ids), f'{split}_bytes': n_bytes, f'{split}_stories': n})
-        print(f"{split}: {n:,} prompts and stories, {len(ids):,} tokens, {sum(mask):,} of them scored")
+        print(f"{split}: {n:,} prompts and stories, {len(ids):,} tokens, {int(mask.sum()):,} of them scored")
     with open(os.path.join(src, meta['tokenizer_model']), 'rb') as f, \
             open(os.path.join(dst, meta['tokenizer_model']), 'wb') as g:
         g.write(f.read())
@@ -160,7 +170,7 @@ if __name__ == '__main__':
     src = tok_dir(data_dir, ckpt['model_args']['vocab_size'])
     try:
         from prepare import load_meta
-        stories = read_split(src, 'test', sp, load_meta(src)['bos_id'])
+        stories = list(read_split(src, 'test', sp, load_meta(src)['bos_id']))
     except (ValueError, OSError) as e:
         die(str(e))
     tasks = [(w, [sp.bos_id()] + sp.encode(prompt_text(w))) for w in map(pick_words, stories) if w][:prompts]
