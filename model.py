@@ -175,13 +175,13 @@ class GPT(nn.Module):
             t = pos.view(B, 1)  # each row's own position
         else:
             assert pos + T <= self.config.block_size, f"{pos + T} tokens > block_size {self.config.block_size}"
-            t = torch.arange(pos, pos + T, device=idx.device)  # the same positions in every row
+            t = slice(pos, pos + T)  # the same positions in every row
         x = self.transformer.wte(idx)
         rope = None
         if self.config.pos_emb == 'rope':  # (T or B x 1, 1, hd/2): broadcast over the heads
             rope = self.rope_cos[t].unsqueeze(-3), self.rope_sin[t].unsqueeze(-3)
         elif self.config.pos_emb == 'learned':
-            x = x + self.transformer.wpe(t)
+            x = x + self.transformer.wpe.weight[t]
         else:
             x = x + self.wpe_fixed[t]
         x = self.transformer.drop(x)

@@ -215,6 +215,16 @@ def test_a_barrage_of_bad_requests_gets_4xx_and_the_server_keeps_serving(server)
     assert done and [c['choices'][0]['finish_reason'] for c in chunks] == ['length', 'length']
 
 
+def until_idle(port):
+    """/health once the batch is empty again (or after 30 s)."""
+    for _ in range(600):
+        health = post(port, None, '/health', method='GET')[1]
+        if health['decoding'] == 0:
+            return health
+        time.sleep(0.05)
+    return health
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_row(server):
     before = post(server, None, '/health', method='GET')[1]['tokens_generated']
     with socket.create_connection(('127.0.0.1', server)) as s:
@@ -226,11 +236,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server):
             chunk = s.recv(4096)
             assert chunk, answer
             answer += chunk
-    for _ in range(600):  # until the batch is empty again
-        health = post(server, None, '/health', method='GET')[1]
-        if health['decoding'] == 0:
-            break
-        time.sleep(0.05)
+    health = until_idle(server)
     assert health['decoding'] == 0 and health['tokens_generated'] - before < 2000
 
 
@@ -243,11 +249,7 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_its_rows(server):
             if post(server, None, '/health', method='GET')[1]['decoding'] == 2:
                 break
             time.sleep(0.01)
-    for _ in range(600):
-        health = post(server, None, '/health', method='GET')[1]
-        if health['decoding'] == 0:
-            break
-        time.sleep(0.05)
+    health = until_idle(server)
     assert health['decoding'] == 0 and health['tokens_generated'] - before < 4000
 
 
