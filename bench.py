@@ -230,7 +230,7 @@ def bench_engines(name, ckpt, model, torch_variant=None):
     if torch_variant:
         runners[f'torch {variant}'] = torch_variant
     for e in engines:
-        for q in ('none', 'int8') if e != 'openvino' else ('none',):
+        for q in ('none', 'int8'):
             t0 = time.perf_counter()
             runners[f"{e} {'int8' if q == 'int8' else 'fp32'}"] = make_engine(e, ckpt, q)
             report(f"{name} {e} {q} export+load", seconds=round(time.perf_counter() - t0, 2))

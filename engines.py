@@ -93,17 +93,18 @@ class OnnxGraph(Engine):
         self.empty = (args['n_layer'], 2, 0, args['n_head'], 0, args['n_embd'] // args['n_head'])
         threads = threads or torch.get_num_threads()
         path = exported(ckpt, export_onnx, 'model.onnx')
+        if quantize == 'int8':  # OpenVINO reads ONNX Runtime's int8 matmuls as its own
+            try:
+                import onnxruntime  # noqa: F401  (its quantizer writes them)
+            except ImportError:
+                die("--quantize=int8 on the ONNX graph needs onnxruntime's quantizer: pip install onnxruntime")
+            path = exported(ckpt, lambda c, p: quantize_weights(path, p), 'model-int8.onnx')
+        self.path = path
         if engine == 'onnxruntime':
             try:
                 import onnxruntime as ort
             except ImportError:
                 die("engine='onnxruntime' needs onnxruntime: pip install onnxruntime onnx onnxscript")
-            if quantize == 'int8':  # int8 weights, activations quantized per call (MatMulInteger)
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-                logging.disable(logging.WARNING)  # its advice to pre-process the graph first
-                path = exported(ckpt, lambda c, p: quantize_dynamic(path, p, weight_type=QuantType.QInt8),
-                                'model-int8.onnx')
-                logging.disable(logging.NOTSET)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             # spinning threads would keep the cores busy between calls, slowing what runs beside
@@ -115,9 +116,6 @@ class OnnxGraph(Engine):
                 import openvino as ov
             except ImportError:
                 die("engine='openvino' needs openvino: pip install openvino onnx onnxscript")
-            if quantize == 'int8':
-                die("engine='openvino' runs the model in fp32 here: use --quantize=none, or "
-                    "--engine=onnxruntime for int8")
             # f32 everywhere: an Intel GPU ('GPU') would compute in f16 unless asked for f32
             config = {'INFERENCE_PRECISION_HINT': 'f32'}
             if device == 'cpu':
@@ -135,6 +133,32 @@ class OnnxGraph(Engine):
     def step(self, tokens, pos=None):
         logits, self.past = self.run({'input_ids': tokens.numpy(), 'past': self.past})
         return torch.from_numpy(logits[:, -1])
+
+
+def quantize_weights(src, dst):
+    """src's matrix multiplications with int8 weights (ONNX Runtime's MatMulNBits: a scale per
+    128 weights, int8 arithmetic on the CPU), the activations as they are. The output layer's
+    weight is the embedding's, transposed at run time: stored transposed first, so that it is
+    quantized too (the embedding's lookup keeps the fp32 table)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+    graph = onnx.load(src)
+    weights = {w.name: w for w in graph.graph.initializer}
+    for node in list(graph.graph.node):
+        if node.op_type == 'Transpose' and node.input[0] in weights:
+            perm = next((a.ints for a in node.attribute if a.name == 'perm'), None)  # None: reversed
+            w = numpy_helper.to_array(weights[node.input[0]]).transpose(perm)
+            graph.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), node.output[0]))
+            graph.graph.node.remove(node)
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, accuracy_level=4, bits=8)
+    quantizer = nbits.MatMulNBitsQuantizer(graph, algo_config=config)
+    logging.disable(logging.INFO)  # a line per node it leaves as it is
+    try:
+        quantizer.process()
+    finally:
+        logging.disable(logging.NOTSET)
+    quantizer.model.save_model_to_file(dst, use_external_data_format=False)
 
 
 def make_engine(engine, ckpt, quantize='none', threads=0, device='cpu'):

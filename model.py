@@ -216,9 +216,11 @@ class GPT(nn.Module):
 
     def flops_per_token(self, T=None):
         """Training FLOPs per token, forward and backward (PaLM, appendix B): 6 per parameter
-        (the tied embedding counts once, as the lm_head matmul) plus 12 L C T for attention."""
+        (the tied embedding counts once, as the lm_head matmul) plus 12 L C T for attention.
+        A frozen parameter (LoRA's base) costs 4: its input's gradient, not its own."""
         cfg, T = self.config, T or self.config.block_size
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return 6 * self.get_num_params() - 2 * frozen + 12 * cfg.n_layer * cfg.n_embd * T
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops, T=None):
         """Model FLOPs utilisation: achieved FLOP/s over `peak_flops`, the device's measured peak

@@ -169,6 +169,8 @@ if ckpt is not None:
     if ckpt['iter_num'] >= max_iters:
         log(f"{out_dir} is already at iteration {ckpt['iter_num']} of max_iters={max_iters}: "
             f"nothing to train; continue with a larger --max_iters (and --lr_decay_iters)")
+        if ddp:
+            dist.destroy_process_group()
         sys.exit(0)
     if block_size > ckpt['model_args']['block_size']:
         die(f"block_size={block_size} is larger than the checkpoint's "

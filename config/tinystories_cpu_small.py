@@ -1,14 +1,18 @@
 # The recipe for a 2-4 core laptop CPU and a small corpus: the best bits per byte found for about
-# an hour of training on the 2 MB sample of real TinyStories (the search, made on its valid.txt,
+# an hour of training on the real TinyStories text of ../shared (the search, made on valid.txt,
 # is in docs/tuning.md). For the full dataset (python prepare.py): config/tinystories_cpu.py.
 # 6 layers x 256 wide, vocab 4096, 5.77M parameters; 2,100 iterations of 16 x 256 tokens, with
 # Muon for the matrices inside the blocks (AdamW for the embedding and norms).
-# On a 2-core AMD EPYC (Zen 3) VM, torch 2.13 CPU, fp32:
-#   python prepare.py --source=../shared/tinystories     1-2 s
-#   python train.py config/tinystories_cpu_small.py      62 minutes on 2026-11-24 (~1.65 s a step);
-#                                                        ~3 s a step on 2026-12-01, same losses
-#   python eval.py                                       0.9030 bits per byte on the held-out test split
-# The 2 MB sample is seen 17 times, so the model memorises it: strong weight decay (1.0) and
+# On a 2-core AMD EPYC (Zen 3) VM, torch 2.13 CPU, fp32, with V1's 2 MB sample and V2's 1.4 MB
+# of stories together (4,042 training stories; docs/tuning.md section 7):
+#   mkdir stories && cp ../shared/tinystories/*.txt stories/ \
+#     && cp ../shared/tinystories-v2/train.txt stories/v2_train.txt
+#   python prepare.py --source=stories                   1-2 s
+#   python train.py config/tinystories_cpu_small.py      99.6 minutes on 2026-12-02 (2.2-3.1 s a
+#                                                        step; 1.65 s a step on 2026-11-24's VM: ~58 min)
+#   python eval.py                                       0.8499 bits per byte on the held-out test split
+# The same run on V1's sample alone (--source=../shared/tinystories): 0.9030.
+# The sample is seen about 10 times, so the model memorises it: strong weight decay (1.0) and
 # dropout 0.2 hold that back.
 out_dir = 'out'
 vocab_size = 4096        # vs 2048: each token carries 4.05 bytes instead of 3.66, at about the same cost

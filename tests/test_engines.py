@@ -1,6 +1,7 @@
 """The ONNX export run by ONNX Runtime and OpenVINO themselves, against model.py in fp32: logits
 of a prefill and of 50 cached decoding steps, greedy stories through sample.py, and int8."""
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,11 +58,13 @@ def test_greedy_batch_with_a_stop_token_matches_pytorch(trained):
     assert torch.equal(theirs, mine)
 
 
-def test_int8_costs_under_one_percent_of_bits_per_byte(trained):
-    """ONNX Runtime's dynamic int8 (MatMulInteger) against model.py in fp32, on the test slice's
-    validation stories: the same tokens, so the ratio of total losses is the ratio of bits/byte."""
+@pytest.mark.parametrize('engine', ['onnxruntime', 'openvino'])
+def test_int8_costs_under_one_percent_of_bits_per_byte(trained, engine):
+    """int8 weights (ONNX Runtime's MatMulNBits, the output layer's included) against model.py
+    in fp32, on the test slice's validation stories: the same tokens, so the ratio of total
+    losses is the ratio of bits/byte."""
     out, ckpt, model = trained
-    int8 = make_engine('onnxruntime', ckpt, 'int8')
+    int8 = make_engine(engine, ckpt, 'int8')
     sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
     ours = theirs = 0.0
     for s in read_stories(str(STORIES / 'valid.txt'))[:40]:
@@ -71,12 +74,13 @@ def test_int8_costs_under_one_percent_of_bits_per_byte(trained):
         theirs += F.cross_entropy(all_logits(int8, ids, model.config)[0, :-1], ids[0, 1:],
                                   reduction='sum').item()
     assert theirs / ours < 1.01, (theirs, ours)
+    ops = [n.op_type for n in onnx.load(int8.path).graph.node]
+    assert ops.count('MatMulNBits') == 4 * model.config.n_layer + 1  # the output layer's too
 
 
 def test_engine_errors_are_one_line(trained, data_dir, tmp_path):
     out = trained[0]
     for args, words in [(['--engine=tensorrt'], ['engine']),
-                        (['--engine=openvino', '--quantize=int8'], ['openvino', 'int8']),
                         (['--engine=onnxruntime', '--device=cuda'], ['CPU', 'cuda']),
                         (['--engine=onnxruntime', '--dtype=bfloat16'], ['fp32', 'dtype'])]:
         one_error_line(run('sample.py', f'--out_dir={out}', *args, ok=False), *words)

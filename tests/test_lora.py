@@ -11,6 +11,7 @@ import torch
 from common import load_checkpoint, model_from_checkpoint
 from conftest import run
 from lora import add_lora, lora_state, merge, unwrap_state
+from model import GPT, GPTConfig
 from test_train import log_rows, one_error_line, train
 from words import pick_words, read_split, uses
 
@@ -71,6 +72,21 @@ def test_a_new_lora_model_is_the_base_exactly_and_merges_within_1e_5(trained):
         ours, theirs = lora(idx, idx)[0], merged(idx, idx)[0]
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
         assert (ours - model(idx, idx)[0]).abs().max() > 1e-2  # the update does something
+
+
+def test_flops_per_token_counts_a_frozen_base_without_its_weight_gradients():
+    """mfu's FLOPs against torch's own count of a forward and backward, full and LoRA: a frozen
+    weight's gradient is never computed, so counting it as trained would read a third too high."""
+    from torch.utils.flop_counter import FlopCounterMode
+    for rank in (0, 8):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=512, n_layer=4, n_head=4, n_embd=128, block_size=64))
+        if rank:
+            add_lora(model, rank, 16.0, 'c_attn,c_proj,c_fc')
+        x = torch.randint(512, (2, 64))
+        with FlopCounterMode(display=False) as counted:
+            model(x, x)[1].backward()
+        assert 0.85 < counted.get_total_flops() / x.numel() / model.flops_per_token(64) < 1.0, rank
 
 
 def test_only_the_adapter_trains(trained):
