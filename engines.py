@@ -94,10 +94,6 @@ class OnnxGraph(Engine):
         threads = threads or torch.get_num_threads()
         path = exported(ckpt, export_onnx, 'model.onnx')
         if quantize == 'int8':  # OpenVINO reads ONNX Runtime's int8 matmuls as its own
-            try:
-                import onnxruntime  # noqa: F401  (its quantizer writes them)
-            except ImportError:
-                die("--quantize=int8 on the ONNX graph needs onnxruntime's quantizer: pip install onnxruntime")
             path = exported(ckpt, lambda c, p: quantize_weights(path, p), 'model-int8.onnx')
         self.path = path
         if engine == 'onnxruntime':
@@ -142,7 +138,10 @@ def quantize_weights(src, dst):
     quantized too (the embedding's lookup keeps the fp32 table)."""
     import onnx
     from onnx import numpy_helper
-    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+    except ImportError:
+        die("--quantize=int8 on the ONNX graph needs onnxruntime's quantizer: pip install onnxruntime")
     graph = onnx.load(src)
     weights = {w.name: w for w in graph.graph.initializer}
     for node in list(graph.graph.node):

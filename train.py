@@ -161,6 +161,16 @@ ptdtype = getattr(torch, dtype)
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
 log = print if master else (lambda *a, **k: None)
 
+
+def end(status=0, error=None):
+    """Leave every process with the same exit status; rank 0 says why (one line)."""
+    if ddp:
+        dist.destroy_process_group()
+    if error and master:
+        die(error)
+    sys.exit(status)
+
+
 # ---------------------------------------------------------------------------- resume or start
 if init_from != 'resume' and os.path.exists(os.path.join(out_dir, 'last.pt')):
     die(f"{out_dir} already holds a training run: continue it with --init_from=resume, or "
@@ -169,9 +179,7 @@ if ckpt is not None:
     if ckpt['iter_num'] >= max_iters:
         log(f"{out_dir} is already at iteration {ckpt['iter_num']} of max_iters={max_iters}: "
             f"nothing to train; continue with a larger --max_iters (and --lr_decay_iters)")
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(0)
+        end(0)
     if block_size > ckpt['model_args']['block_size']:
         die(f"block_size={block_size} is larger than the checkpoint's "
             f"{ckpt['model_args']['block_size']}: resume with --block_size="
@@ -376,15 +384,6 @@ def agree(code):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         code = int(t.item())
     return code
-
-
-def end(status=0, error=None):
-    """Leave every process with the same exit status; rank 0 says why (one line)."""
-    if ddp:
-        dist.destroy_process_group()
-    if error and master:
-        die(error)
-    sys.exit(status)
 
 
 stop = []  # Ctrl-C or SIGTERM: stop after this step, save, exit; a second Ctrl-C exits at once
