@@ -10,6 +10,7 @@ folder: llama.cpp a GGUF file, ONNX Runtime and OpenVINO an ONNX graph with the 
 as an input and an output.
 """
 import atexit
+import importlib
 import logging
 import os
 import tempfile
@@ -17,7 +18,8 @@ import tempfile
 import numpy as np
 import torch
 
-from common import die
+from common import die, model_from_checkpoint
+from export import export_onnx, model_args
 from model import decode
 
 ENGINES = ('torch', 'onnxruntime', 'openvino', 'llamacpp')
@@ -83,52 +85,126 @@ class LlamaCpp(Engine):
 
 
 class OnnxGraph(Engine):
-    """The ONNX export (export.py --format=onnx) run by ONNX Runtime or OpenVINO: each call
-    takes the past keys and values and returns them with the new ones appended."""
+    """The model as an ONNX graph, run by ONNX Runtime (export_ort: its own fused operators) or
+    OpenVINO (export.py --format=onnx): each call takes the past keys and values and returns
+    them with the new ones appended."""
 
     def __init__(self, ckpt, engine, quantize='none', threads=0, device='cpu'):
-        from export import export_onnx
-        args = ckpt['model_args']
+        args = model_args(ckpt, 'onnx')
         self.block_size = args['block_size']
-        self.empty = (args['n_layer'], 2, 0, args['n_head'], 0, args['n_embd'] // args['n_head'])
+        L, nh, hd = args['n_layer'], args['n_head'], args['n_embd'] // args['n_head']
         threads = threads or torch.get_num_threads()
-        path = exported(ckpt, export_onnx, 'model.onnx')
+        try:
+            import onnx  # noqa: F401  (both graphs are written with it)
+            runtime = importlib.import_module(engine)
+        except ImportError as e:
+            die(f"engine='{engine}' needs {e.name}: pip install {engine} onnx onnxscript")
+        if engine == 'onnxruntime':  # a key and a value input per layer
+            path = exported(ckpt, export_ort, 'model-ort.onnx')
+            self.empty = lambda B: {f'past_key_values.{i}.{kv}': np.zeros((B, nh, 0, hd), np.float32)
+                                    for i in range(L) for kv in ('key', 'value')}
+        else:
+            path = exported(ckpt, export_onnx, 'model.onnx')
+            self.empty = lambda B: {'past': np.zeros((L, 2, B, nh, 0, hd), np.float32)}
         if quantize == 'int8':  # OpenVINO reads ONNX Runtime's int8 matmuls as its own
-            path = exported(ckpt, lambda c, p: quantize_weights(path, p), 'model-int8.onnx')
+            src = path
+            path = exported(ckpt, lambda c, p: quantize_weights(src, p), 'int8-' + os.path.basename(src))
         self.path = path
         if engine == 'onnxruntime':
-            try:
-                import onnxruntime as ort
-            except ImportError:
-                die("engine='onnxruntime' needs onnxruntime: pip install onnxruntime onnx onnxscript")
-            opts = ort.SessionOptions()
+            opts = runtime.SessionOptions()
             opts.intra_op_num_threads = threads
             # spinning threads would keep the cores busy between calls, slowing what runs beside
             opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
-            session = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+            session = runtime.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
             self.run = lambda feed: session.run(None, feed)
         else:
-            try:
-                import openvino as ov
-            except ImportError:
-                die("engine='openvino' needs openvino: pip install openvino onnx onnxscript")
             # f32 everywhere: an Intel GPU ('GPU') would compute in f16 unless asked for f32
             config = {'INFERENCE_PRECISION_HINT': 'f32'}
             if device == 'cpu':
                 config['INFERENCE_NUM_THREADS'] = threads
-            core = ov.Core()
+            core = runtime.Core()
             compiled = core.compile_model(core.read_model(path), device.upper(), config)
             self.run = lambda feed: list(compiled(feed).values())
 
     def start(self, context):
-        shape = list(self.empty)
-        shape[2] = context.size(0)
-        self.past = np.zeros(shape, dtype=np.float32)
+        self.past = self.empty(context.size(0))  # the graph's cache inputs, holding nothing yet
         return self.step(context)
 
     def step(self, tokens, pos=None):
-        logits, self.past = self.run({'input_ids': tokens.numpy(), 'past': self.past})
+        logits, *present = self.run({'input_ids': tokens.numpy(), **self.past})
+        self.past = dict(zip(self.past, present))  # outputs in the order of the inputs
         return torch.from_numpy(logits[:, -1])
+
+
+def export_ort(ckpt, path):
+    """The model in ONNX Runtime's own operators, written node by node: per layer two
+    LayerNormalizations, four matmuls, a Gelu and one GroupQueryAttention, which rotates q and k
+    (RoPE), appends k and v to the cache and attends causally: what some 40 nodes of export.py's
+    graph do, half of its time per token in ONNX Runtime's profile. The caches are per layer,
+    (B, n_head, P, head_dim) under Optimum's names; the output layer has its own transposed copy
+    of the embedding, a plain MatMul that int8 can take."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    args = model_args(ckpt, 'onnx')
+    model = model_from_checkpoint(ckpt)
+    C, nh, V = args['n_embd'], args['n_head'], args['vocab_size']
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    weights, nodes = [], []
+
+    def weight(name, a):
+        weights.append(numpy_helper.from_array(np.ascontiguousarray(a), name))
+        return name
+
+    def op(kind, inputs, output, domain='', **attrs):
+        nodes.append(helper.make_node(kind, inputs, [output], domain=domain, **attrs))
+        return output
+
+    def linear(x, name):
+        y = op('MatMul', [x, weight(name, sd[name + '.weight'].T)], name + '.out')
+        if name + '.bias' not in sd:
+            return y
+        return op('Add', [y, weight(name + '.bias', sd[name + '.bias'])], name + '.biased')
+
+    def norm(x, name):
+        w = [weight(name, sd[name + '.weight'])]
+        if name + '.bias' in sd:
+            w.append(weight(name + '.bias', sd[name + '.bias']))
+        return op('LayerNormalization', [x, *w], name + '.out', axis=-1, epsilon=1e-5)
+
+    def tensor(name, dtype, shape):
+        return helper.make_tensor_value_info(name, dtype, shape)
+
+    # GroupQueryAttention takes the total length and each row's last position (int32)
+    new = op('Shape', ['input_ids'], 'new', start=1, end=2)
+    past = op('Shape', ['past_key_values.0.key'], 'past', start=2, end=3)
+    total = op('Cast', [op('Add', [past, new], 'total64')], 'total_1d', to=TensorProto.INT32)
+    total = op('Squeeze', [total], 'total')  # a scalar
+    last = op('Sub', [total, weight('one', np.array(1, np.int32))], 'last')
+    seqlens = op('Expand', [last, op('Shape', ['input_ids'], 'batch', start=0, end=1)], 'seqlens_k')
+    cos, sin = weight('rope_cos', model.rope_cos.numpy()), weight('rope_sin', model.rope_sin.numpy())
+
+    inputs = [tensor('input_ids', TensorProto.INT64, ['batch', 'new'])]
+    outputs = [tensor('logits', TensorProto.FLOAT, ['batch', 'new', V])]
+    x = op('Gather', [weight('wte', sd['transformer.wte.weight']), 'input_ids'], 'x.0')
+    for i in range(args['n_layer']):
+        h = f'transformer.h.{i}.'
+        cache = [f'past_key_values.{i}.key', f'past_key_values.{i}.value']
+        inputs += [tensor(n, TensorProto.FLOAT, ['batch', nh, 'past', C // nh]) for n in cache]
+        outputs += [tensor(f'present.{i}.{kv}', TensorProto.FLOAT, ['batch', nh, 'total', C // nh])
+                    for kv in ('key', 'value')]
+        qkv = linear(norm(x, h + 'ln_1'), h + 'attn.c_attn')  # packed: q, k, v side by side
+        nodes.append(helper.make_node(
+            'GroupQueryAttention', [qkv, '', '', *cache, seqlens, total, cos, sin],
+            [h + 'attn.y', f'present.{i}.key', f'present.{i}.value'], domain='com.microsoft',
+            num_heads=nh, kv_num_heads=nh, do_rotary=1, rotary_interleaved=1))  # model.py's pairs
+        x = op('Add', [x, linear(h + 'attn.y', h + 'attn.c_proj')], h + 'attn.res')
+        gelu = op('Gelu', [linear(norm(x, h + 'ln_2'), h + 'mlp.c_fc')], h + 'mlp.gelu',
+                  domain='com.microsoft')  # erf's, as nn.GELU
+        x = op('Add', [x, linear(gelu, h + 'mlp.c_proj')], f'x.{i + 1}')
+    op('MatMul', [norm(x, 'transformer.ln_f'), weight('lm_head', sd['transformer.wte.weight'].T)], 'logits')
+    graph = helper.make_graph(nodes, 'gpt', inputs, outputs, weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17),
+                                                      helper.make_opsetid('com.microsoft', 1)]), path)
 
 
 def quantize_weights(src, dst):

@@ -1,6 +1,5 @@
 """The ONNX export run by ONNX Runtime and OpenVINO themselves, against model.py in fp32: logits
 of a prefill and of 50 cached decoding steps, greedy stories through sample.py, and int8."""
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -14,10 +13,9 @@ from test_train import one_error_line, train
 import sentencepiece as spm
 
 
-def all_logits(graph, ids, cfg):
+def all_logits(graph, ids):
     """Every position's logits of ids (B, T) from an empty cache, as the graph gives them."""
-    empty = np.zeros((cfg.n_layer, 2, ids.size(0), cfg.n_head, 0, cfg.n_embd // cfg.n_head), np.float32)
-    return torch.from_numpy(graph.run({'input_ids': ids.numpy(), 'past': empty})[0])
+    return torch.from_numpy(graph.run({'input_ids': ids.numpy(), **graph.empty(ids.size(0))})[0])
 
 
 @pytest.mark.parametrize('engine', ['onnxruntime', 'openvino'])
@@ -28,7 +26,7 @@ def test_prefill_and_50_cached_steps_match_pytorch(trained, engine):
     torch.manual_seed(0)
     ids = torch.randint(cfg.vocab_size, (2, 12))
     with torch.no_grad():
-        torch.testing.assert_close(all_logits(graph, ids, cfg), model(ids, ids)[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(all_logits(graph, ids), model(ids, ids)[0], atol=1e-4, rtol=0)
         cache = torch.empty(cfg.n_layer, 2, 2, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
         ours = model(ids, cache=cache)[0][:, -1]
         theirs = graph.start(ids)
@@ -71,7 +69,7 @@ def test_int8_costs_under_one_percent_of_bits_per_byte(trained, engine):
         ids = torch.tensor([[sp.bos_id()] + sp.encode(s)])[:, :64]
         with torch.no_grad():
             ours += F.cross_entropy(model(ids, ids)[0][0, :-1], ids[0, 1:], reduction='sum').item()
-        theirs += F.cross_entropy(all_logits(int8, ids, model.config)[0, :-1], ids[0, 1:],
+        theirs += F.cross_entropy(all_logits(int8, ids)[0, :-1], ids[0, 1:],
                                   reduction='sum').item()
     assert theirs / ours < 1.01, (theirs, ours)
     ops = [n.op_type for n in onnx.load(int8.path).graph.node]
