@@ -4,6 +4,8 @@ The Words task (as TinyStories-Instruct prompts a story): write a story that use
 $ python words.py                                  # data/tok4096 -> data/words/tok4096
 $ python train.py config/finetune_words.py --init_from=out/ckpt.pt --lora_rank=8
 $ python words.py --score=out-words                # held-out prompts: does each story use every word?
+$ python words.py --score=out,out-words,out-lora8  # on the same prompts: gains over the first, and
+                                                   # each later one's as a share of the second's
 
 Each story of the prepared splits becomes the prompt "Words: w1, w2, w3" + "\\nStory:" and then the
 story, the words being three of its content words, picked by a hash of the story (the same
@@ -33,9 +35,10 @@ train_text = ''          # a file of other stories for the training split (prepa
                          # stories the model has not learned by heart, where its own are few
 n_words = 3
 max_train = 20000        # stories in the task's training split (the full dataset has 2.1M)
-score = ''               # an out_dir: score its checkpoint on the test split's prompts instead
+score = ''               # an out_dir (or several, comma-separated): score on the test split's prompts
 ckpt_name = 'ckpt.pt'
 prompts = 200            # held-out prompts scored
+samples = 1              # stories written per prompt, each with its own draws
 temperature = 0.8        # sampling as sample.py does
 top_p = 0.95
 max_new_tokens = 300
@@ -153,31 +156,58 @@ def word_use(model, sp, tasks):
     return results
 
 
+def interval(used, stat, n=2000):
+    """The 90 % interval of stat(used) when the prompts are drawn again (the same draw for every
+    model: a paired comparison). used: (models, prompts) words used."""
+    rng = np.random.default_rng(seed)
+    with np.errstate(divide='ignore', invalid='ignore'):  # a draw where a gain is 0
+        draws = [stat(used[:, rng.integers(0, used.shape[1], used.shape[1])]) for _ in range(n)]
+    return np.percentile(draws, [5, 95])
+
+
 if __name__ == '__main__':
     configure(globals())
     if threads:
         torch.set_num_threads(threads)
-    from prepare import tok_dir
+    from prepare import tok_dir, load_meta
     if not score:
         try:
             make(tok_dir(data_dir, vocab_size), tok_dir(out_data_dir, vocab_size))
         except (ValueError, OSError) as e:
             die(str(e))
         raise SystemExit
-    ckpt = load_checkpoint(os.path.join(score, ckpt_name))
-    model = model_from_checkpoint(ckpt).eval()
-    sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
-    src = tok_dir(data_dir, ckpt['model_args']['vocab_size'])
+    out_dirs = score.split(',')
+    ckpts = [load_checkpoint(os.path.join(d, ckpt_name)) for d in out_dirs]
+    if len({c['tokenizer'] for c in ckpts}) > 1:
+        die(f"--score={score}: the checkpoints have different tokenizers; compare models of one tokenizer")
+    sp = spm.SentencePieceProcessor(model_proto=ckpts[0]['tokenizer'])
+    src = tok_dir(data_dir, ckpts[0]['model_args']['vocab_size'])
     try:
-        from prepare import load_meta
         stories = list(read_split(src, 'test', sp, load_meta(src)['bos_id']))
     except (ValueError, OSError) as e:
         die(str(e))
     tasks = [(w, [sp.bos_id()] + sp.encode(prompt_text(w))) for w in map(pick_words, stories) if w][:prompts]
-    results = word_use(model, sp, tasks)
-    every = sum(k == n_words for _, k in results) / len(results)
-    share = sum(k for _, k in results) / (n_words * len(results))
-    print(f"{score}: {every:.1%} of {len(results)} held-out stories use every given word "
-          f"({share:.1%} of the words); example:\n{prompt_text(tasks[0][0])}{results[0][0]}")
+    used, every = [], []  # per model: words used per prompt (all samples), stories using every word
+    for d, ckpt in zip(out_dirs, ckpts):
+        results = word_use(model_from_checkpoint(ckpt).eval(), sp, tasks * samples)
+        used.append(np.reshape([k for _, k in results], (samples, len(tasks))).sum(0))
+        every.append(sum(k == n_words for _, k in results) / len(results))
+        if len(out_dirs) == 1:
+            print(f"example:\n{prompt_text(tasks[0][0])}{results[0][0]}")
+    used = np.array(used) / (n_words * samples)  # (models, prompts): the share of each prompt's words
+    share = used.mean(1)
+    for m, d in enumerate(out_dirs):
+        line = f"{d}: {share[m]:.1%} of the words used, {every[m]:.1%} of the stories use every one"
+        if m > 0:
+            lo, hi = interval(used, lambda u: 100 * (u[m].mean() - u[0].mean()))
+            line += (f"; {100 * (share[m] - share[0]):+.1f} points over {out_dirs[0]} "
+                     f"(90 % interval {lo:+.1f} to {hi:+.1f})")
+        if m > 1 and share[1] != share[0]:
+            gain = lambda u: (u[m].mean() - u[0].mean()) / (u[1].mean() - u[0].mean())
+            lo, hi = interval(used, gain)
+            line += f"; {gain(used):.0%} of {out_dirs[1]}'s gain ({lo:.0%} to {hi:.0%})"
+        print(line)
+    print(f"({len(tasks)} held-out prompts x {samples} stories, {n_words} words each)")
     if json_out:
-        print(json.dumps({'out_dir': score, 'prompts': len(results), 'every_word': every, 'words': share}))
+        models = [{'out_dir': d, 'every_word': e, 'words': s} for d, e, s in zip(out_dirs, every, share)]
+        print(json.dumps({'prompts': len(tasks), 'samples': samples, 'models': models}))

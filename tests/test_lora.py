@@ -1,6 +1,7 @@
 """Fine-tuning: the Words task's data (words.py), LoRA (lora.py) against its definition, LoRA
 runs of train.py (adapter-only files tied to their base by hash, exact resume, loaded merged by
 sample.py and eval.py), and the adapter in PEFT's format loaded by peft itself."""
+import json
 import shutil
 
 import numpy as np
@@ -174,6 +175,28 @@ def test_fine_tuning_errors_are_one_line(words_dir, base, data_dir, tmp_path):
     one_error_line(lora_run(words_dir, base, tmp_path / 'c', '--n_layer=3', ok=False), 'n_layer')
     one_error_line(train(words_dir, tmp_path / 'd', '--init_from=nothing.pt', ok=False), 'init_from')
     one_error_line(run('export.py', '--format=peft', f'--out_dir={base.parent}', ok=False), 'LoRA')
+
+
+def test_word_use_compares_models_on_the_same_prompts_and_draws(trained, data_dir):
+    """Two copies of one model write the same stories, prompt for prompt; the interval redraws
+    the same prompts for every model (a paired comparison); words.py --score prints both."""
+    import words
+    d, ckpt, _ = trained
+    sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
+    stories = list(read_split(data_dir / 'tok512', 'test', sp, sp.bos_id()))[:8]
+    tasks = [(w, [sp.bos_id()] + sp.encode(words.prompt_text(w))) for w in map(pick_words, stories) if w]
+    words.max_new_tokens = 40
+    a, b = (words.word_use(model_from_checkpoint(ckpt).eval(), sp, tasks) for _ in range(2))
+    assert a == b and len({story for story, _ in a}) == len(tasks) > 1
+    used = np.random.default_rng(0).random((2, 50))
+    used[1] = used[0] + 0.1  # the same gain on every prompt: no spread when paired
+    assert words.interval(used, lambda u: u[1].mean() - u[0].mean()) == pytest.approx([0.1, 0.1])
+    p = run('words.py', f'--score={d},{d}', f'--data_dir={data_dir}', '--prompts=6', '--samples=2',
+            '--max_new_tokens=30', '--json_out=True')
+    result = json.loads(p.stdout.splitlines()[-1])
+    assert (result['prompts'], result['samples']) == (6, 2) and result['models'][0] == result['models'][1]
+    assert f'+0.0 points over {d} (90 % interval +0.0 to +0.0)' in p.stdout
+    one_error_line(run('words.py', f'--score={d},{d}-missing', f'--data_dir={data_dir}', ok=False), 'missing')
 
 
 def test_the_words_task_can_train_on_other_stories(data_dir, tmp_path):
