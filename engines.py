@@ -5,9 +5,9 @@ so that sample.py (and bench.py) give the same stories whichever engine runs the
     engine = make_engine('onnxruntime', ckpt, quantize='int8')
     for token in engine.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token): ...
 
-Each engine gets the checkpoint exported on the fly (export.py's formats) into a temporary
-folder: llama.cpp a GGUF file, ONNX Runtime and OpenVINO an ONNX graph with the key/value cache
-as an input and an output.
+Each engine gets the checkpoint exported on the fly into a temporary folder: llama.cpp a GGUF
+file and OpenVINO an ONNX graph (export.py's formats), ONNX Runtime an ONNX graph of its own
+fused operators (export_ort); both graphs take the key/value cache as inputs and return it.
 """
 import atexit
 import importlib
