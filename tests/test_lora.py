@@ -177,7 +177,7 @@ def test_fine_tuning_errors_are_one_line(words_dir, base, data_dir, tmp_path):
     one_error_line(run('export.py', '--format=peft', f'--out_dir={base.parent}', ok=False), 'LoRA')
 
 
-def test_word_use_compares_models_on_the_same_prompts_and_draws(trained, data_dir):
+def test_word_use_compares_models_on_the_same_prompts_and_draws(trained, data_dir, monkeypatch):
     """Two copies of one model write the same stories, prompt for prompt; the interval redraws
     the same prompts for every model (a paired comparison); words.py --score prints both."""
     import words
@@ -185,7 +185,7 @@ def test_word_use_compares_models_on_the_same_prompts_and_draws(trained, data_di
     sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
     stories = list(read_split(data_dir / 'tok512', 'test', sp, sp.bos_id()))[:8]
     tasks = [(w, [sp.bos_id()] + sp.encode(words.prompt_text(w))) for w in map(pick_words, stories) if w]
-    words.max_new_tokens = 40
+    monkeypatch.setattr(words, 'max_new_tokens', 40)
     a, b = (words.word_use(model_from_checkpoint(ckpt).eval(), sp, tasks) for _ in range(2))
     assert a == b and len({story for story, _ in a}) == len(tasks) > 1
     used = np.random.default_rng(0).random((2, 50))
