@@ -51,21 +51,30 @@ def windows(story, T):
 @torch.inference_mode()
 def score(model, stories, n_bytes, batch_size=16, desc='eval'):
     """The protocol's figures for `stories` (lists of ids, each BOS + the story's tokens) whose
-    text holds n_bytes UTF-8 bytes."""
+    text holds n_bytes UTF-8 bytes. Under torchrun every process scores its share of the
+    batches and all get the figures of one process: each batch's sum, added in the same order."""
+    import torch.distributed as dist
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     pieces = [w for s in stories for w in windows(s, model.config.block_size)]
     pieces.sort(key=lambda p: -len(p[0]))  # similar lengths together: little padding
-    total, count = 0.0, 0
+    starts = range(0, len(pieces), batch_size)
+    sums = torch.zeros(len(starts), 2, dtype=torch.float64, device=device)  # loss, tokens per batch
     model.eval()
-    for i in tqdm(range(0, len(pieces), batch_size), desc=desc, unit='batch', disable=None, leave=False):
-        batch = pieces[i:i + batch_size]
+    for b in tqdm(range(rank, len(starts), world), desc=desc, unit='batch', disable=rank or None, leave=False):
+        batch = pieces[starts[b]:starts[b] + batch_size]
         L = len(batch[0][0])
         x = torch.tensor([x + [0] * (L - len(x)) for x, _ in batch], device=device)
         y = torch.tensor([y + [-100] * (L - len(y)) for _, y in batch], device=device)
         logits, _ = model(x, y)  # padding sits after the real tokens: causality keeps it out
-        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                 ignore_index=-100, reduction='sum').item()
-        count += (y != -100).sum().item()
+        sums[b, 0] = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                                     ignore_index=-100, reduction='sum').item()
+        sums[b, 1] = (y != -100).sum().item()
+    if world > 1:
+        dist.all_reduce(sums)  # every batch was scored by one process, zeros elsewhere
+    total, count = 0.0, 0
+    for loss, n in sums.tolist():
+        total, count = total + loss, count + int(n)
     loss = total / count
     return dict(loss=round(loss, 4), ppl=round(math.exp(loss), 3),
                 bpb=round(total / math.log(2) / n_bytes, 4), tokens=count, bytes=n_bytes,

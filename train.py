@@ -163,8 +163,11 @@ log = print if master else (lambda *a, **k: None)
 
 
 def end(status=0, error=None):
-    """Leave every process with the same exit status; rank 0 says why (one line)."""
+    """Leave every process with the same exit status; rank 0 says why (one line). All processes
+    call it at the same point: none leaves the group while another still works in it (a gloo
+    process that exits while another is busy can abort at its exit)."""
     if ddp:
+        dist.barrier()
         dist.destroy_process_group()
     if error and master:
         die(error)
@@ -459,7 +462,9 @@ while True:
             try:
                 save_checkpoint(checkpoint_state(), os.path.join(out_dir, 'last.pt'))
             except OSError as e:
-                end(1, str(e))
+                save_error = str(e)
+        if agree(SAVE_FAILED * bool(save_error)):  # the others wait for rank 0's save
+            end(1, save_error)
         log(f"interrupted: saved {out_dir}/last.pt at iteration {iter_num}; "
             f"continue with --init_from=resume")
         end(0)
@@ -475,14 +480,23 @@ while True:
 # ---------------------------------------------------------------------------- the result
 if agree(SAVE_FAILED * bool(save_error)):  # the last evaluation's checkpoint was not written
     end(1, save_error or "rank 0 could not write its checkpoint")
-if master:  # the best checkpoint by the evaluation protocol, on val and on the held-out test
-    wall = time.time() - t_start
-    best_path = os.path.join(out_dir, 'ckpt.pt')
+# The best checkpoint by the evaluation protocol, on val and on the held-out test. Rank 0 reads
+# it and sends its weights to the others (their machines may not see out_dir); each process
+# scores a share of the stories.
+wall = time.time() - t_start
+best_path = os.path.join(out_dir, 'ckpt.pt')
+if master:
     best = load_checkpoint(best_path, device)
-    best_model = model_from_checkpoint(best, best_path).to(device)
-    scores = {s: score(best_model, *split_stories(data_path, s, tokenizer_proto), batch_size,
-                       desc=f'protocol: {s}') for s in ('val', 'test')}
-    log(f"done: best iteration {best['iter_num']}, val {scores['val']['bpb']:.4f} bits/byte, "
-        f"test {scores['test']['bpb']:.4f} bits/byte (eval.py protocol), "
-        f"{wall / 60:.1f} min, {best_path}")
+    best_model, best_iter = model_from_checkpoint(best, best_path).to(device), best['iter_num']
+    best = None
+else:
+    best_model, best_iter = GPT(GPTConfig(**model_args)).to(device), None
+if ddp:
+    for t in best_model.state_dict().values():
+        dist.broadcast(t, 0)
+scores = {s: score(best_model, *split_stories(data_path, s, tokenizer_proto), batch_size,
+                   desc=f'protocol: {s}') for s in ('val', 'test')}
+log(f"done: best iteration {best_iter}, val {scores['val']['bpb']:.4f} bits/byte, "
+    f"test {scores['test']['bpb']:.4f} bits/byte (eval.py protocol), "
+    f"{wall / 60:.1f} min, {best_path}")
 end(0)

@@ -95,6 +95,43 @@ def test_a_signal_to_one_process_stops_both_with_a_resumable_checkpoint(data_dir
     assert torch.load(out / 'last.pt', weights_only=True)['iter_num'] == it + 2
 
 
+def slow_rank_0(out, log, *args):
+    """docs/scaling.md's CPU line on tiny settings, rank 0's checkpoint writes and protocol
+    scoring each 2 s longer (tests/fault.py): the others reach every end long before it does."""
+    log.mkdir()
+    return torchrun('config/tinystories_cpu.py', f'--out_dir={out}', '--threads=1', *TINY, *args,
+                    script='tests/fault.py',
+                    env={'FAULT': 'slow', 'FAULT_RANK': '0', 'FAULT_AFTER': '2', 'FAULT_LOG': str(log)})
+
+
+def left_after_rank_0(log):
+    """Whether every process left the group after rank 0's last slow work."""
+    busy = max(map(float, (log / 'busy').read_text().split()))
+    return all(float((log / f'exit.{r}').read_text()) > busy for r in (0, 1))
+
+
+def test_every_process_waits_for_rank_0_at_the_end(data_dir, tmp_path):
+    """A finished run (protocol scoring included), three times, and an interrupted one: exit 0,
+    one done: or interrupted line, no abort nor traceback from any process; no process exits
+    while rank 0 still writes or scores."""
+    for k in range(3):
+        p = slow_rank_0(tmp_path / f'run{k}', tmp_path / f'log{k}', f'--data_dir={data_dir}',
+                        '--max_iters=6', '--eval_interval=3', '--patience=0')
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0 and 'terminate called' not in stderr and 'Traceback' not in stderr, stderr
+        assert stdout.count('done:') == 1 and left_after_rank_0(tmp_path / f'log{k}')
+    out, log = tmp_path / 'stopped', tmp_path / 'log-stopped'
+    p = slow_rank_0(out, log, f'--data_dir={data_dir}', '--max_iters=100000', '--eval_interval=100000')
+    deadline = time.time() + 120
+    while not (log / 'busy').exists() and time.time() < deadline:  # the save at iteration 0
+        time.sleep(0.1)
+    os.kill(workers(p.pid)[1], signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0 and 'terminate called' not in stderr and 'Traceback' not in stderr, stderr
+    assert stdout.count('interrupted: saved') == 1 and left_after_rank_0(log)
+    assert torch.load(out / 'last.pt', weights_only=True)['iter_num'] > 0
+
+
 @pytest.mark.parametrize('kind, rank, words', [
     ('nan', 1, 'the loss is not finite at iteration 3'),
     ('save', 0, 'could not write checkpoint'),
