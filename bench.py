@@ -9,17 +9,16 @@ $ python bench.py --json=True              # one JSON object per result, after t
 Quality is eval.py's job: python eval.py (bits per byte on the held-out test split).
 """
 import copy
-import json
 import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
+from json import dumps
 
 import torch
 
 from common import configure, die, pick_device, pick_dtype, peak_flops, peak_rss_mb, sync
-from inference import optimize_for_inference
+from inference import QUANTIZE, optimize_for_inference
 from model import GPT, GPTConfig, sample
 
 # -----------------------------------------------------------------------------
@@ -47,19 +46,15 @@ device = 'cpu'
 threads = 0              # 0 = PyTorch's default (the physical cores)
 profile = False          # write a torch.profiler trace of decoding to out_dir, print the top ops
 engine = 'torch'         # also decode with these, alternating with PyTorch: onnxruntime,openvino,llamacpp
-json_out = False         # alias of --json
+json = False             # print each result as one JSON object too, after the text
 # -----------------------------------------------------------------------------
-if any(a.startswith('--json') for a in sys.argv[1:]):  # 'json' would shadow the module
-    sys.argv = [a.replace('--json', '--json_out', 1) if a.startswith('--json') else a for a in sys.argv]
-configure(globals())
+OTHER_ENGINES = ('onnxruntime', 'openvino', 'llamacpp')
+configure(globals(), dict(
+    quantize=QUANTIZE, rounds='>= 1', train_iters='>= 1', batch_size='>= 1', max_new_tokens='>= 2',
+    engine=(lambda v: all(e in ('', 'torch') + OTHER_ENGINES for e in v.split(',')),
+            f"torch or a comma-separated list of {', '.join(OTHER_ENGINES)}")))
 # -----------------------------------------------------------------------------
-if quantize not in ('none', 'int8'):
-    die(f"bad value quantize={quantize!r}: use 'none' or 'int8'")
 engines = [e for e in engine.split(',') if e not in ('', 'torch')]
-if any(e not in ('onnxruntime', 'openvino', 'llamacpp') for e in engines):
-    die(f"bad value engine={engine!r}: use torch or a list of onnxruntime, openvino, llamacpp")
-if rounds < 1:
-    die(f"bad value rounds={rounds}: use 1 or more")
 if threads:
     torch.set_num_threads(threads)
 device = pick_device(device, quantize)
@@ -132,7 +127,7 @@ def bench_train(name, model):
         extra = {'vs_eager': round(eager / dt, 2)}
     report(name + (" grad-ckpt" if grad_checkpoint else "") + (" compiled" if compile else ""),
            tokens_per_s=round(tokens / dt, 1),
-           ms_per_iter=round(dt * 1000, 1), mfu=round(model.estimate_mfu(tokens, dt, peak, T), 4), **extra)
+           ms_per_iter=round(dt * 1000, 1), mfu=round(model.flops_per_token(T) * tokens / dt / peak, 4), **extra)
 
 
 @torch.inference_mode()  # as stream(): the ratio is the cache alone
@@ -297,6 +292,6 @@ for name, cfg in model_configs():
         bench_engines(name, ckpt, gen_model if plain is None else plain, variant and gen_model)
     if profile:
         bench_profile(name, gen_model)
-if json_out:
+if json:
     for r in results:
-        print(json.dumps(r))
+        print(dumps(r))

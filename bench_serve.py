@@ -9,7 +9,6 @@ The clients are threads of this process, on the same machine as the server: on a
 take some of its time, so the figures are a lower bound of what the server does alone.
 """
 import http.client
-import json
 import os
 import socket
 import statistics
@@ -17,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from json import dumps, loads
 from urllib.parse import urlparse
 
 from common import configure, die
@@ -32,11 +32,9 @@ requests = 3             # completions per client, one after another
 max_tokens = 128
 temperature = 0.8
 prompt = 'Once upon a time'
-json_out = False         # alias of --json: one JSON object per result, after the text
+json = False             # print each result as one JSON object too, after the text
 # -----------------------------------------------------------------------------
-if any(a.startswith('--json') for a in sys.argv[1:]):  # 'json' would shadow the module
-    sys.argv = [a.replace('--json', '--json_out', 1) if a.startswith('--json') else a for a in sys.argv]
-configure(globals())
+configure(globals(), dict(requests='>= 1', max_tokens='>= 1', temperature='[0, 2]'))
 # -----------------------------------------------------------------------------
 
 
@@ -46,7 +44,7 @@ def completion(host, port, seed):
     body = {'prompt': prompt, 'max_tokens': max_tokens, 'temperature': temperature, 'seed': seed,
             'stream': True, 'stream_options': {'include_usage': True}}
     t0 = time.perf_counter()
-    conn.request('POST', '/v1/completions', json.dumps(body), {'Content-Type': 'application/json'})
+    conn.request('POST', '/v1/completions', dumps(body), {'Content-Type': 'application/json'})
     response = conn.getresponse()
     if response.status != 200:
         raise RuntimeError(f"the server answered {response.status}: {response.read()[:200]!r}")
@@ -55,7 +53,7 @@ def completion(host, port, seed):
     for line in response:  # server-sent events: 'data: {...}' lines
         if not line.startswith(b'data: {'):
             continue
-        chunk = json.loads(line[6:])
+        chunk = loads(line[6:])
         if 'usage' in chunk:
             tokens = chunk['usage']['completion_tokens']
         elif chunk['choices'][0]['text']:
@@ -141,6 +139,6 @@ if __name__ == '__main__':
         if proc is not None:
             proc.terminate()
             proc.wait()
-    if json_out:
+    if json:
         for r in results:
-            print(json.dumps(r))
+            print(dumps(r))

@@ -1,15 +1,17 @@
 """
-What the scripts share: settings, one-line errors, devices, checkpoints.
+What every script shares: its settings, one-line errors, and the device it runs on.
 
-Settings: a script's settings are plain module globals. `configure(globals())` applies, in order, the
-Python config files given as positional arguments, then `--key=value` flags (also `--key value`,
-and `--flag` alone for a boolean). Values parse as Python literals, else stay strings. A key the
-script does not have, or a value of the wrong type, stops the script with one line naming it.
+Settings: a script's settings are plain module globals. `configure(globals(), checks)` applies, in
+order, the Python config files given as positional arguments, then `--key=value` flags (also
+`--key value`, and `--flag` alone for a boolean). Values parse as Python literals, else stay
+strings. A key the script does not have, a value of the wrong type, or one outside the choices
+or range that `checks` declares stops the script with one line naming it.
 
     python train.py config/tinystories_cpu.py --batch_size=8 --out_dir=out-test
 """
 import ast
 import os
+import re
 import sys
 import time
 
@@ -26,6 +28,8 @@ def first_line(e, n=160):
     """An exception's message, short enough for a one-line error."""
     return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:n]
 
+
+# ------------------------------------------------------------------------------ settings
 
 def parse_value(text, old):
     """The value of a command-line setting whose default is `old`. A text setting takes the text
@@ -51,10 +55,35 @@ def checked(key, old, value, where):
     die(f"setting '{key}' ({where}) must be of type {type(old).__name__} (like {old!r}), got {value!r}")
 
 
-def configure(g, argv=None, given=None):
-    """Override the settings in the module globals `g` from argv (default sys.argv[1:]).
-    Returns {name: value} of all settings, to be saved with a checkpoint; the names set by a
-    config file or a flag are added to the set `given`, if one is passed."""
+def alternatives(values):
+    """'a', 'b' or 'c'"""
+    names = [repr(v) for v in values]
+    return ', '.join(names[:-1]) + ' or ' + names[-1] if len(names) > 1 else names[0]
+
+
+def violation(value, rule):
+    """What is wrong with value under rule, or None. A rule is a tuple of the allowed values; a
+    range: '> 0', '>= 1', '(0, 1]', '[1, 256]'; or (predicate, what it asks for)."""
+    if isinstance(rule, tuple) and rule and callable(rule[0]):
+        return None if rule[0](value) else f"it must be {rule[1]}"
+    if isinstance(rule, (tuple, list)):
+        return None if value in rule else f"use {alternatives(rule)}"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if m := re.fullmatch(r'(>=|>|<=|<) *(\S+)', rule):
+        ok = number and {'>=': value >= float(m[2]), '>': value > float(m[2]),
+                         '<=': value <= float(m[2]), '<': value < float(m[2])}[m[1]]
+        return None if ok else f"it must be {rule}"
+    lo_open, lo, hi, hi_open = re.fullmatch(r'([(\[]) *([^,]+), *([^\])]+)([)\]])', rule).groups()
+    ok = number and (value > float(lo) if lo_open == '(' else value >= float(lo)) and \
+        (value < float(hi) if hi_open == ')' else value <= float(hi))
+    return None if ok else f"it must be in {rule}"
+
+
+def configure(g, checks=None, *, argv=None, given=None):
+    """Override the settings in the module globals `g` from argv (default sys.argv[1:]), then
+    check them against `checks` ({name: rule}, see violation). Returns {name: value} of all
+    settings, to be saved with a checkpoint; the names set by a config file or a flag are added
+    to the set `given`, if one is passed."""
     argv = sys.argv[1:] if argv is None else list(argv)
     keys = [k for k, v in g.items()  # UPPER_CASE names are constants, not settings
             if not k.startswith('_') and not k.isupper()
@@ -100,10 +129,16 @@ def configure(g, argv=None, given=None):
             elif key in keys:
                 die(f"setting '{key}' needs a value: --{key}=VALUE")
         assign(key, parse_value(text, g.get(key)), f"--{key}")
+    for key, rule in (checks or {}).items():
+        if g[key] is not None and (why := violation(g[key], rule)):
+            die(f"bad value {key}={g[key]!r}: {why}")
     return {k: g[k] for k in keys}
 
 
 # ------------------------------------------------------------------------------ devices
+
+DEVICES = ('cpu', 'cuda', 'xpu', 'mps')
+
 
 def pick_device(device, quantize='none'):
     """'auto' is the best device present: cuda, then xpu (Intel GPUs), then mps, then cpu.
@@ -116,12 +151,12 @@ def pick_device(device, quantize='none'):
             die(f"quantize=int8 runs on the CPU only (PyTorch's dynamic int8 kernels): "
                 f"use --device=cpu, or --quantize=none on {device}")
     if device == 'auto':
-        for d in ('cuda', 'xpu', 'mps'):
+        for d in DEVICES[1:]:
             if getattr(torch, d, None) is not None and torch.__dict__[d].is_available():
                 return d
         return 'cpu'
     kind = device.split(':')[0]
-    if kind not in ('cpu', 'cuda', 'xpu', 'mps'):
+    if kind not in DEVICES:
         die(f"unknown device '{device}': use auto, cpu, cuda, cuda:N, xpu or mps")
     if kind != 'cpu' and not (getattr(torch, kind, None) and getattr(torch, kind).is_available()):
         die(f"device '{device}' is not available in this PyTorch build: use --device=cpu")
@@ -139,11 +174,24 @@ def pick_dtype(dtype, device):
     return dtype
 
 
+def import_ipex():
+    """Intel Extension for PyTorch, or one line saying what it needs."""
+    import torch
+    try:
+        import intel_extension_for_pytorch
+        return intel_extension_for_pytorch
+    except Exception as e:  # not installed, or built for another torch version
+        die(f"ipex=True needs intel_extension_for_pytorch built for torch {torch.__version__.split('+')[0]} "
+            f"({type(e).__name__}); IPEX 2.8, its last release, needs torch 2.8.x: "
+            f"pip install torch==2.8.* intel-extension-for-pytorch==2.8.*; for Intel GPUs, "
+            f"PyTorch itself has device='xpu'")
+
+
 def sync(device):
     """Wait for the device's queued work: GPU timings must not measure the queue."""
     import torch
     kind = device.split(':')[0]
-    if kind in ('cuda', 'xpu', 'mps'):
+    if kind in DEVICES[1:]:
         getattr(torch, kind).synchronize()
 
 
@@ -175,91 +223,3 @@ def peak_flops(device='cpu', dtype='float32', n=1024, seconds=0.5):
         sync(device)
         best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
     return best
-
-
-# ------------------------------------------------------------------------------ checkpoints
-
-def save_checkpoint(obj, path):
-    """Write atomically: a temporary file, flushed to disk, then renamed over the old one,
-    so a crash at any moment leaves either the old or the new checkpoint, never half of one.
-    A failed write (a full disk) raises OSError with a message to show; the old file stays."""
-    import torch
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(f"could not write checkpoint {path} ({e.strerror or e}); the previous one "
-                      f"is kept: free disk space or choose another --out_dir") from None
-
-
-def load_checkpoint(path, device='cpu'):
-    """torch.load with weights_only=True: tensors and plain values only, so a crafted file
-    cannot run code. Every failure is one clear line."""
-    import pickle
-    import warnings
-    import torch
-    if not os.path.isfile(path):
-        die(f"no checkpoint at {path}: train one first (python train.py config/tinystories_cpu.py)"
-            f" or set --out_dir")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # damaged files also warn about pickle protocols
-            ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'weights_only' in str(e) or 'Unsupported' in str(e) or 'global' in str(e).lower():
-            die(f"refused to load {path}: it holds Python objects, not only tensors and plain "
-                f"values, and loading it could run code; use checkpoints made by train.py")
-        die(f"checkpoint {path} is corrupt ({first_line(e)}): use another or retrain")
-    except Exception as e:  # damaged bytes fail in many ways (EOFError, IndexError, KeyError...)
-        die(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first_line(e)}): "
-            f"use another checkpoint or retrain")
-    if isinstance(ckpt, dict) and 'lora' in ckpt:
-        return with_base(ckpt, path, device)
-    if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= ckpt.keys():
-        die(f"{path} is not a checkpoint made by train.py (no 'model' and 'model_args')")
-    return ckpt
-
-
-def sha256(path):
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
-def with_base(adapter, path, device):
-    """A LoRA run's checkpoint (its adapter only) with the base it was trained on: 'model' is
-    the base with the adapter merged in, so that it loads like any checkpoint; 'base_model' is
-    the base alone (train.py resumes from it). The base must be the very file it was trained on."""
-    base_path = adapter['base']
-    if not os.path.isfile(base_path):
-        die(f"{path} is a LoRA adapter of {base_path}, which is not there: put that checkpoint "
-            f"back where it was")
-    if sha256(base_path) != adapter['base_sha256']:
-        die(f"{base_path} is not the checkpoint that the LoRA adapter {path} was trained on (its "
-            f"SHA-256 differs): restore that base, or fine-tune again from this one")
-    from lora import merge
-    base = load_checkpoint(base_path, device)
-    args = adapter['lora_args']
-    merged = merge(base['model'], adapter['lora'], args['lora_alpha'] / args['lora_rank'])
-    return {**adapter, 'model': merged, 'base_model': base['model']}
-
-
-def model_from_checkpoint(ckpt, path='checkpoint'):
-    """The GPT a checkpoint describes, with its weights (nothing else is needed)."""
-    from model import GPT, GPTConfig
-    try:
-        model = GPT(GPTConfig(**ckpt['model_args']))
-        model.load_state_dict(ckpt['model'])
-    except (TypeError, RuntimeError, AssertionError) as e:
-        die(f"{path} does not fit the model it describes ({first_line(e)}): "
-            f"the file is damaged or from another version")
-    return model

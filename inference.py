@@ -7,19 +7,9 @@ import warnings
 
 import torch
 
-from common import die
+from common import import_ipex
 
-
-def import_ipex():
-    """Intel Extension for PyTorch, or one line saying what it needs."""
-    try:
-        import intel_extension_for_pytorch
-        return intel_extension_for_pytorch
-    except Exception as e:  # not installed, or built for another torch version
-        die(f"ipex=True needs intel_extension_for_pytorch built for torch {torch.__version__.split('+')[0]} "
-            f"({type(e).__name__}); IPEX 2.8, its last release, needs torch 2.8.x: "
-            f"pip install torch==2.8.* intel-extension-for-pytorch==2.8.*; for Intel GPUs, "
-            f"PyTorch itself has device='xpu'")
+QUANTIZE = ('none', 'int8')  # the quantize setting's choices
 
 
 class ThreadedLinear(torch.nn.Module):

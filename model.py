@@ -1,12 +1,8 @@
 """
-The whole GPT in one file, to be read top to bottom.
-
-A decoder-only transformer (GPT-2, Radford et al. 2019) with rotary position embeddings
-(RoPE, Su et al. 2021) in place of learned positions, and a key/value cache for fast sampling.
-References:
-1) GPT-2 in TensorFlow: https://github.com/openai/gpt-2/blob/master/src/model.py
-2) RoFormer: https://arxiv.org/abs/2104.09864
-3) nanoGPT, whose names and shape this file follows: https://github.com/karpathy/nanoGPT
+The whole GPT in one file, to be read top to bottom: a decoder-only transformer (GPT-2,
+Radford et al. 2019, https://github.com/openai/gpt-2) with rotary position embeddings (RoPE,
+Su et al. 2021, https://arxiv.org/abs/2104.09864) in place of learned positions, a key/value
+cache for fast sampling, and the samplers. Names and shape follow nanoGPT (karpathy/nanoGPT).
 """
 import math
 from dataclasses import dataclass
@@ -27,7 +23,7 @@ class GPTConfig:
     dropout: float = 0.0      # on the embeddings and on each sublayer's output
     attn_dropout: float = 0.0  # on the attention weights: it takes PyTorch off its fused CPU kernel
     bias: bool = False        # biases in Linears and LayerNorms: True is GPT-2; False is a bit faster
-    pos_emb: str = 'rope'     # 'rope', or 'learned' (GPT-2) / 'sinusoidal' (Vaswani et al.) to compare
+    pos_emb: str = 'rope'     # 'rope', or 'learned' (GPT-2's absolute positions) to compare
     rope_theta: float = 10000.0
 
 
@@ -45,22 +41,55 @@ def apply_rope(x, cos, sin):
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+class KVCache:
+    """The keys and values of every layer for B rows, each row with its own length (a server
+    decodes sequences of different lengths together). A forward pass appends T tokens to every
+    row: claim() gives their positions and masks, append() stores a layer's keys and values."""
+
+    def __init__(self, config, batch_size, device=None, dtype=None):
+        hd = config.n_embd // config.n_head
+        self.kv = torch.zeros(config.n_layer, 2, batch_size, config.n_head, config.block_size, hd,
+                              device=device, dtype=dtype)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens held, per row
+
+    def rows(self, start, stop):
+        """Rows start..stop-1 as a cache of their own, sharing this one's memory."""
+        view = object.__new__(KVCache)
+        view.kv, view.pos = self.kv[:, :, start:stop], self.pos[start:stop]
+        return view
+
+    def claim(self, T):
+        """The positions (B, T) of each row's next T tokens. Their mask of the keys they see is
+        None where plain causal attention is right: all rows at one place, one token or from 0."""
+        self.t = self.pos[:, None] + torch.arange(T, device=self.pos.device)
+        first, last = (int(p) for p in self.pos.aminmax())
+        self.n = last + T  # the keys in use
+        assert self.n <= self.kv.size(4), f"{self.n} tokens > block_size {self.kv.size(4)}"
+        same = first == last and (T == 1 or first == 0)
+        self.mask = None if same else torch.arange(self.n, device=self.t.device) <= self.t[:, None, :, None]
+        self.pos += T
+        return self.t
+
+    def append(self, layer, k, v):
+        """Store k, v (B, nh, T, hd) at the claimed positions; return every key and value so far."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        self.kv[layer, 0, rows, :, self.t] = k.transpose(1, 2)  # (B, T, nh, hd): rows x positions
+        self.kv[layer, 1, rows, :, self.t] = v.transpose(1, 2)
+        return self.kv[layer, 0, :, :, :self.n], self.kv[layer, 1, :, :, :self.n], self.mask
+
+
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.attn_dropout = config.attn_dropout
+        self.n_head, self.attn_dropout, self.layer = config.n_head, config.attn_dropout, layer
 
-    def forward(self, x, rope=None, cache=None, pos=0):
-        """x: (B, T, C) for positions pos..pos+T-1. With a cache (the preallocated (2, B, nh,
-        block_size, hd) keys and values of this layer), the new k, v are stored in it and the
-        queries attend to all keys so far, so each token is computed once while sampling.
-        pos may also be a (B,) tensor, each row's position for one token (T = 1)."""
+    def forward(self, x, rope=None, cache=None):
+        """x: (B, T, C); with a cache, the queries also see the keys of the tokens before them."""
         B, T, C = x.size()
         # (B, T, 3C) -> (3, B, nh, T, hd): q, k, v, with the heads as a batch dimension
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
@@ -68,18 +97,9 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(qkv[:2], *rope).unbind(0)  # q and k rotate in one go
         mask = None
-        if cache is not None and torch.is_tensor(pos):  # one token per row, at its own position
-            rows = torch.arange(B, device=x.device)
-            cache[0, rows, :, pos], cache[1, rows, :, pos] = k[:, :, 0], v[:, :, 0]
-            n = int(pos.max()) + 1
-            k, v = cache[0, :, :, :n], cache[1, :, :, :n]
-            mask = torch.arange(n, device=x.device) <= pos.view(B, 1, 1, 1)  # a row's own keys
-        elif cache is not None:
-            assert pos == 0 or T == 1, "the cache is filled by one prefill, then one token a step"
-            cache[0, :, :, pos:pos + T], cache[1, :, :, pos:pos + T] = k, v
-            k, v = cache[0, :, :, :pos + T], cache[1, :, :, :pos + T]
-        # one new token may see every cached key: no causal mask needed then
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1,
+        if cache is not None:
+            k, v, mask = cache.append(self.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -101,15 +121,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm: normalise the input of each sublayer and add its output to the residual stream."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None, pos=0):
-        x = x + self.attn(self.ln_1(x), rope, cache, pos)
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,12 +137,12 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.pos_emb in ('rope', 'learned', 'sinusoidal'), f"unknown pos_emb {config.pos_emb!r}"
+        assert config.pos_emb in ('rope', 'learned'), f"unknown pos_emb {config.pos_emb!r}"
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         if config.pos_emb == 'learned':
@@ -135,11 +155,7 @@ class GPT(nn.Module):
             cos, sin = rope_cache(config.block_size, config.n_embd // config.n_head, config.rope_theta)
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
-        elif config.pos_emb == 'sinusoidal':
-            cos, sin = rope_cache(config.block_size, config.n_embd)
-            self.register_buffer('wpe_fixed', torch.stack((sin, cos), -1).flatten(1), persistent=False)
         self.grad_checkpoint = False  # recompute each block in backward: less memory, more time
-
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), one per sublayer
         for pn, p in self.named_parameters():
@@ -147,49 +163,33 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
 
-    def get_num_params(self, non_embedding=False):
-        """Parameters of the model. The tied embedding counts once; non_embedding=True leaves it
-        (and learned positions) out, as in the scaling-law papers."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.transformer.wte.weight.numel()
-            if self.config.pos_emb == 'learned':
-                n -= self.transformer.wpe.weight.numel()
-        return n
+    def get_num_params(self):  # the tied embedding counts once
+        return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx: (B, T) token ids at positions pos..pos+T-1. With targets: all logits and the mean
-        cross-entropy. Without: logits at the last position only, saving the lm_head elsewhere.
-        With a cache, pos may be a (B,) tensor of positions for one token per row (T = 1): a
-        batch of sequences each at its own place, as a server decodes them."""
+    def forward(self, idx, targets=None, cache=None):
+        """idx: (B, T) token ids. With targets: all logits and the mean cross-entropy. Without:
+        logits at the last position only, saving the lm_head elsewhere. With a cache (KVCache),
+        the tokens continue each row's sequence, at its own position."""
         B, T = idx.size()
-        if torch.is_tensor(pos):
-            assert T == 1 and cache is not None, "positions per row: one token a step, with a cache"
-            t = pos.view(B, 1)  # each row's own position
-        else:
-            assert pos + T <= self.config.block_size, f"{pos + T} tokens > block_size {self.config.block_size}"
-            t = slice(pos, pos + T)  # the same positions in every row
+        assert cache is not None or T <= self.config.block_size, f"{T} tokens > block_size {self.config.block_size}"
+        t = slice(0, T) if cache is None else cache.claim(T)  # the tokens' positions
         x = self.transformer.wte(idx)
         rope = None
-        if self.config.pos_emb == 'rope':  # (T or B x 1, 1, hd/2): broadcast over the heads
+        if self.config.pos_emb == 'rope':  # (T or B x T, hd/2) -> broadcast over the heads
             rope = self.rope_cos[t].unsqueeze(-3), self.rope_sin[t].unsqueeze(-3)
-        elif self.config.pos_emb == 'learned':
-            x = x + self.transformer.wpe.weight[t]
         else:
-            x = x + self.wpe_fixed[t]
+            x = x + self.transformer.wpe.weight[t]
         x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
+        for block in self.transformer.h:
             if self.grad_checkpoint and self.training:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope, None if cache is None else cache[i], pos)
+                x = block(x, rope, cache)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
@@ -201,59 +201,54 @@ class GPT(nn.Module):
         """AdamW; weight decay on the matrices (Linears, embedding) only, not on biases or norms.
         muon=True: Muon (muon.py) for the matrices inside the blocks, AdamW for the rest."""
         params = [p for p in self.parameters() if p.requires_grad]
-        blocks = {id(p) for p in self.transformer.h.parameters()}
-        hidden = [p for p in params if muon and p.dim() == 2 and id(p) in blocks]
-        hidden_ids = {id(p) for p in hidden}
-        groups = [{'params': [p for p in params if p.dim() >= 2 and id(p) not in hidden_ids],
-                   'weight_decay': weight_decay},
+        hidden = {id(p) for p in self.transformer.h.parameters() if muon and p.dim() == 2}
+        groups = [{'params': [p for p in params if p.dim() >= 2 and id(p) not in hidden], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         if muon:
             from muon import Muon  # its own file: the model does not need to know its optimizer
-            return Muon([{'params': hidden, 'weight_decay': weight_decay, 'muon': True}] + groups,
-                        lr=learning_rate, betas=betas)
+            muon_group = {'params': [p for p in params if id(p) in hidden], 'weight_decay': weight_decay, 'muon': True}
+            return Muon([muon_group] + groups, lr=learning_rate, betas=betas)
         # the fused kernel is fastest on CUDA; on the CPU the default (foreach) is
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
 
     def flops_per_token(self, T=None):
-        """Training FLOPs per token, forward and backward (PaLM, appendix B): 6 per parameter
-        (the tied embedding counts once, as the lm_head matmul) plus 12 L C T for attention.
-        A frozen parameter (LoRA's base) costs 4: its input's gradient, not its own."""
+        """Training FLOPs per token (PaLM, appendix B): 6 per parameter (the tied embedding once)
+        plus 12 L C T for attention; 4 for a frozen one (LoRA's base: no gradient of its own)."""
         cfg, T = self.config, T or self.config.block_size
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         return 6 * self.get_num_params() - 2 * frozen + 12 * cfg.n_layer * cfg.n_embd * T
 
-    def estimate_mfu(self, tokens_per_iter, dt, peak_flops, T=None):
-        """Model FLOPs utilisation: achieved FLOP/s over `peak_flops`, the device's measured peak
-        (bench.py measures the CPU's; an A100's 312 TFLOP/s would be meaningless on a laptop)."""
-        return self.flops_per_token(T) * tokens_per_iter / dt / peak_flops
-
     @torch.inference_mode()  # no_grad, and no autograd bookkeeping on tensors either
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
-        """Yield (B, 1) new tokens, one per step, continuing the prompts idx (B, T).
-        The prompt is run once (prefill) to fill the cache; each step then runs one token.
-        When the context is full, the cache restarts from the last block_size/2 tokens
-        (one new prefill), so every token keeps at least half a context of history."""
-        cfg = self.config
-        B, hd = idx.size(0), cfg.n_embd // cfg.n_head
-        p = next(self.parameters())
-        cache = torch.empty(cfg.n_layer, 2, B, cfg.n_head, cfg.block_size, hd, dtype=p.dtype, device=p.device)
-        start = lambda context: self(context, cache=cache)[0][:, -1, :]  # prefill from position 0
-        step = lambda token, pos: self(token, cache=cache, pos=pos)[0][:, -1, :]
-        yield from decode(start, step, idx, cfg.block_size, max_new_tokens, temperature, top_k, top_p, stop_token)
+        """Yield (B, 1) new tokens, one per step, continuing the prompts idx (B, T). The prompt
+        runs once (prefill) to fill the cache; each step then runs one token."""
+        w = self.transformer.wte.weight  # float in every variant (int8 too)
+        cache = KVCache(self.config, idx.size(0), w.device, w.dtype)
+        step = lambda ids: self(ids, cache=cache)[0][:, -1, :]
+        yield from decode(cache.pos.zero_, step, idx, self.config.block_size, max_new_tokens,
+                          temperature, top_k, top_p, stop_token)
 
     @torch.no_grad()  # not inference_mode: the ids it returns may go into training
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
-        """idx (B, T) with up to max_new_tokens sampled tokens appended (fewer if every row
-        reached stop_token). temperature=0 is greedy; top_k and top_p restrict the choices."""
+        """idx (B, T) and up to max_new_tokens sampled tokens (fewer when every row reached
+        stop_token); temperature 0 is greedy, top_k and top_p restrict the choices."""
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token))
         return torch.cat([idx] + new, dim=1)
 
 
-def decode(start, step, idx, block_size, max_new_tokens, temperature, top_k, top_p, stop_token):
-    """The sampling loop of GPT.stream, for any model: start(context) runs the prompts from an
-    empty cache, step(token, pos) one token at position pos; both return the last logits."""
+def slide(context, cached, block_size):
+    """The context rule for a cache holding `cached` tokens that must take one more: None while
+    there is room; when full, the context's most recent half (..., n), all but its last token
+    prefilled anew, the last one stepped: every token keeps at least half a context."""
+    return None if cached < block_size else context[..., -(block_size // 2):]
+
+
+def decode(reset, step, idx, block_size, max_new_tokens, temperature, top_k, top_p, stop_token):
+    """The sampling loop of GPT.stream, for any model: reset() empties its cache, step(ids)
+    runs the tokens ids (B, T) after those in the cache and returns the logits after the last."""
     context = idx[:, -block_size:]
-    logits, pos = start(context), context.size(1)
+    reset()
+    logits, cached = step(context), context.size(1)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p)
@@ -264,17 +259,16 @@ def decode(start, step, idx, block_size, max_new_tokens, temperature, top_k, top
         if stop_token is not None and done.all():
             return
         context = torch.cat((context, token), dim=1)
-        if pos == block_size:  # full: restart the window from the most recent half
-            context = context[:, -(block_size // 2):]
-            logits, pos = start(context), context.size(1)
-        else:
-            logits, pos = step(token, pos), pos + 1
+        if (window := slide(context, cached, block_size)) is not None:
+            context, cached = window, window.size(1) - 1
+            reset()
+            step(context[:, :-1])
+        logits, cached = step(token), cached + 1
 
 
 def draw(probs, generator=None):
-    """One index per row of probs (B, vocab), each with probability proportional to its weight:
-    the first index whose cumulative weight reaches a uniform draw in (0, total] (never one of
-    weight 0). One random number per row, and much cheaper on a CPU than torch.multinomial."""
+    """One index per row of probs (B, vocab), with probability proportional to its weight (never
+    one of weight 0): one uniform draw per row, much cheaper on a CPU than torch.multinomial."""
     cdf = probs.cumsum(dim=-1)
     u = (1.0 - torch.rand(probs.size(0), 1, device=probs.device, generator=generator)) * cdf[:, -1:]
     return torch.searchsorted(cdf, u)
@@ -296,9 +290,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         return token
     assert top_p > 0, "top_p must be in (0, 1]"
     # The nucleus without sorting the vocabulary: a token is in it when the tokens more likely
-    # than it hold less than top_p. Redraw the rows whose token is not (rejection sampling):
-    # the kept draws follow the renormalised nucleus exactly, and as the nucleus holds at
-    # least top_p of the mass, a row needs at most 1 / top_p draws on average.
+    # than it hold less than top_p. Redraw the rows whose token is not (rejection sampling): the
+    # kept draws follow the renormalised nucleus exactly, in at most 1 / top_p draws on average.
     while True:
         p = probs.gather(-1, token)
         inside = torch.where(probs > p, probs, 0.0).sum(dim=-1, keepdim=True) < top_p

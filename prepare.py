@@ -11,11 +11,9 @@ EOS), and meta.json, written last: it is the marker that the directory is comple
 The validation stories are split in two: the 1st, 3rd, 5th... are `val` (what train.py
 evaluates, keeps the best checkpoint by and stops early on), the 2nd, 4th, 6th... are `test`,
 held out: nothing is chosen on it, so a figure on it is an honest estimate for unseen stories.
-train.py, sample.py, eval.py and bench.py import the helpers below (tok_dir, load_meta, ...).
 """
 import collections
 import itertools
-import json
 import os
 import random
 import re
@@ -24,6 +22,8 @@ import time
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
+
+from data import EXTENSIONS, SPLITS, atomic_write, iter_stories, tok_dir, write_json
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'  # a hub dataset; an existing file or directory is local files
@@ -35,118 +35,7 @@ num_proc = 0            # tokenizing processes; 0 = os.cpu_count()
 val_fraction = 0.01     # share of train carved off as validation when the source has none
 # -----------------------------------------------------------------------------
 
-EXTENSIONS = ('.txt', '.json', '.jsonl', '.parquet')
-SEPARATOR = '<|endoftext|>'
 CHUNK = 1000  # stories per task sent to a tokenizing process
-SPLITS = ('train', 'val', 'test')
-
-
-def tok_dir(data_dir, vocab_size, tokenizer='bpe'):
-    return os.path.join(data_dir, f"{'char' if tokenizer == 'char' else 'tok'}{vocab_size}")
-
-
-def load_meta(dir):
-    """meta.json of a prepared directory, checked against the files it describes."""
-    m = re.search(r'(char)?(\d+)$', os.path.basename(os.path.normpath(dir)))
-    hint = ('--tokenizer=char ' if m and m[1] else '') + f"--vocab_size={m[2] if m else 'N'}"
-    rerun = f"no prepared data in {dir}: run `python prepare.py {hint}` first"
-    try:
-        with open(os.path.join(dir, 'meta.json')) as f:
-            meta = json.load(f)
-        for split in SPLITS:
-            if os.path.getsize(os.path.join(dir, f'{split}.bin')) != 2 * meta[f'{split}_tokens']:
-                raise ValueError
-        if not os.path.isfile(os.path.join(dir, meta['tokenizer_model'])):
-            raise ValueError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(rerun) from None
-    return meta
-
-
-# ---------------------------------------------------------------------------- reading stories
-def decode_utf8(data, path, offset=0):
-    try:
-        return data.decode('utf-8')  # strict: a wrong encoding must not slip into the tokenizer
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 (byte offset {offset + e.start}): "
-                         "re-encode the file as UTF-8") from None
-
-
-def story(lines):
-    """One story from its lines, less the blank ones at either end ('' if nothing is left)."""
-    while lines and not lines[-1].strip():
-        lines.pop()
-    while lines and not lines[0].strip():
-        lines.pop(0)
-    return '\n'.join(lines)
-
-
-def iter_txt(path):
-    """The stories of a TinyStories .txt file, read line by line: memory holds one story."""
-    lines, offset = [], 0
-    with open(path, 'rb') as f:
-        for raw in f:
-            line = decode_utf8(raw, path, offset).rstrip('\n').removesuffix('\r')
-            if offset == 0:
-                line = line.removeprefix('\ufeff')  # a byte order mark is not text
-            offset += len(raw)
-            if line.strip() == SEPARATOR:
-                if s := story(lines):
-                    yield s
-                lines = []
-            else:
-                lines.append(line)
-    if s := story(lines):  # a last story without a separator after it
-        yield s
-
-
-def texts(records, path, first=0):
-    """The stripped, non-empty 'text' fields of JSON records (numbered from `first`)."""
-    for i, r in enumerate(records, first):
-        if not isinstance(r, dict) or not isinstance(r.get('text'), str):
-            raise ValueError(f"{path}: record {i} has no 'text' field (expected objects like "
-                             '{"text": "Once upon a time..."})')
-        if r['text'].strip():
-            yield r['text'].strip()
-
-
-def iter_stories(path):
-    """The stories of one local file, streamed: .txt (TinyStories format), .json, .jsonl or
-    .parquet (read in batches of rows)."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext == '.txt':
-        yield from iter_txt(path)
-    elif ext in ('.json', '.jsonl'):
-        try:
-            with open(path, 'rb') as f:
-                head = f.read(1000).lstrip()
-            if ext == '.json' and head.startswith(b'['):  # one list of objects: read whole
-                with open(path, 'rb') as f:
-                    yield from texts(json.loads(decode_utf8(f.read(), path)), path)
-                return
-            with open(path, 'rb') as f:  # an object per line
-                offset = 0
-                for i, raw in enumerate(f):
-                    line = decode_utf8(raw, path, offset)
-                    offset += len(raw)
-                    if line.strip():
-                        yield from texts([json.loads(line)], path, i)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    elif ext == '.parquet':
-        import pyarrow.parquet as pq  # installed with datasets; never touches the network
-        f = pq.ParquetFile(path)
-        if 'text' not in f.schema_arrow.names:
-            raise ValueError(f"{path}: no 'text' column (columns: {', '.join(f.schema_arrow.names)})")
-        for batch in f.iter_batches(batch_size=CHUNK, columns=['text']):
-            yield from (t.strip() for t in batch.column(0).to_pylist() if t and t.strip())
-    else:
-        raise ValueError(f"{path}: unsupported file type '{ext}' (use {', '.join(EXTENSIONS)})")
-
-
-def read_stories(path):
-    """All the stories of one local file, as a list."""
-    return list(iter_stories(path))
 
 
 def find_splits(source, val_fraction=0.01):
@@ -239,9 +128,7 @@ def hub_stories(ds, split):
 
 
 # ---------------------------------------------------------------------------- tokenizer
-def check_vocab(vocab_size, tokenizer):
-    if tokenizer not in ('bpe', 'char'):
-        raise ValueError(f"--tokenizer must be 'bpe' or 'char', got '{tokenizer}'")
+def check_vocab(vocab_size):
     if vocab_size > 65535:
         raise ValueError("token ids are stored as uint16: choose --vocab_size ≤ 65535")
     if vocab_size < 3 + 256 + 1:
@@ -265,7 +152,7 @@ def sample_stories(stories, k, seed=0):
 def train_tokenizer(stories, model_prefix, vocab_size, tokenizer='bpe'):
     """Train SentencePiece on the stories (a sample: sample_stories); returns the .model path.
     The options make decode(encode(story)) == story exactly, for any text."""
-    check_vocab(vocab_size, tokenizer)
+    check_vocab(vocab_size)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(stories), model_prefix=model_prefix,
@@ -313,13 +200,12 @@ def _encode_chunk(stories):
 def write_bin(stories, sp_model_path, out_path, num_proc):
     """Write BOS + ids + EOS of every story of the iterable to out_path as uint16; returns
     (stories, tokens, bytes). Chunks of stories stream to num_proc processes, a bounded number
-    in flight, and their ids are appended in order to out_path + '.tmp', renamed when complete."""
+    in flight, and their ids are appended in order (data.atomic_write: all or nothing)."""
     chunks = iter(lambda: list(itertools.islice(stories, CHUNK)), [])
-    tmp = out_path + '.tmp'
     totals, pool = np.zeros(3, dtype=np.int64), None
     try:
-        with open(tmp, 'wb') as f, tqdm(unit='stories', desc=os.path.basename(out_path),
-                                        disable=None, leave=False) as bar:
+        with atomic_write(out_path) as f, tqdm(unit='stories', desc=os.path.basename(out_path),
+                                               disable=None, leave=False) as bar:
             def write(count, n_bytes, ids):
                 f.write(ids.tobytes())
                 totals[:] += (count, len(ids), n_bytes)
@@ -340,31 +226,17 @@ def write_bin(stories, sp_model_path, out_path, num_proc):
                 _load_model(sp_model_path)
                 for chunk in chunks:
                     write(*_encode_chunk(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
     finally:
         if pool:
             pool.terminate()
-        if os.path.exists(tmp):  # failed or interrupted: leave nothing that looks complete
-            os.remove(tmp)
     return tuple(int(x) for x in totals)
-
-
-def write_json(obj, path):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=2)
-        f.write('\n')
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
 
 
 # ---------------------------------------------------------------------------- main
 def main():
     t0 = time.time()
     procs = num_proc or os.cpu_count()
-    check_vocab(vocab_size, tokenizer)  # before reading a large corpus
+    check_vocab(vocab_size)  # before reading a large corpus
     train, val, note = find_splits(source, val_fraction)
     if note:
         print(note)
@@ -406,7 +278,7 @@ def main():
 
 if __name__ == '__main__':
     from common import configure, die
-    config = configure(globals())
+    config = configure(globals(), {'tokenizer': ('bpe', 'char'), 'num_proc': '>= 0'})
     try:
         main()
     except (ValueError, OSError) as e:

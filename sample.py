@@ -9,10 +9,12 @@ import sys
 import time
 
 import torch
-import sentencepiece as spm
 
-from common import configure, die, pick_device, pick_dtype, load_checkpoint, model_from_checkpoint
-from inference import optimize_for_inference
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import configure, die, pick_device, pick_dtype
+from engines import ENGINES
+from inference import QUANTIZE, optimize_for_inference
+from tokenizer import TextStream, prompt_ids, tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -32,21 +34,11 @@ ipex = False             # intel_extension_for_pytorch.optimize on the model
 threads = 0              # CPU threads; 0 = PyTorch's default
 engine = 'torch'         # or 'onnxruntime', 'openvino', 'llamacpp': the checkpoint exported on the fly, run there
 # -----------------------------------------------------------------------------
-configure(globals())
+configure(globals(), dict(
+    temperature='>= 0', top_p='(0, 1]', top_k=(lambda v: isinstance(v, int) and v >= 1, 'a positive integer or None'),
+    num_samples='>= 1', max_new_tokens='>= 0', quantize=QUANTIZE, engine=ENGINES, threads='>= 0'))
 # -----------------------------------------------------------------------------
 
-if temperature < 0:
-    die(f"bad value temperature={temperature}: use 0 (greedy) or more")
-if top_p is not None and not 0 < top_p <= 1:
-    die(f"bad value top_p={top_p}: it must be in (0, 1]")
-if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-    die(f"bad value top_k={top_k!r}: use a positive integer or None")
-if num_samples < 1 or max_new_tokens < 0:
-    die("num_samples must be ≥ 1 and max_new_tokens ≥ 0")
-if quantize not in ('none', 'int8'):
-    die(f"bad value quantize={quantize!r}: use 'none' or 'int8'")
-if engine not in ('torch', 'onnxruntime', 'openvino', 'llamacpp'):
-    die(f"bad value engine={engine!r}: use 'torch', 'onnxruntime', 'openvino' or 'llamacpp'")
 if engine != 'torch' and (ipex or dtype not in ('auto', 'float32')):
     die(f"engine={engine!r} runs the model in fp32 (or its own int8 with --quantize=int8): "
         "ipex and dtype apply to engine='torch' only")
@@ -64,8 +56,7 @@ if threads:
 torch.manual_seed(seed)
 ckpt_path = os.path.join(out_dir, ckpt_name)
 ckpt = load_checkpoint(ckpt_path)
-sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
-bos, eos = sp.bos_id(), sp.eos_id()
+sp = tokenizer(ckpt)
 if engine != 'torch':  # int8 is the engine's own int8 path
     from engines import make_engine
     model = make_engine(engine, ckpt, quantize, threads, 'cpu' if device == 'auto' else device)
@@ -79,28 +70,22 @@ else:
         model.to(getattr(torch, dtype))
     model = optimize_for_inference(model, quantize, ipex)
 
-# a story starts with its begin-of-story token; SentencePiece adds the leading-space marker
-prompt = [bos] + (sp.encode(start) if start else [])
+prompt = prompt_ids(sp, start)
 if start and len(prompt) == 1:
     die("the start text gives no tokens")
 idx = torch.tensor([prompt], dtype=torch.long, device=device)
 for k in range(num_samples):
     if num_samples > 1:
         print(f"--- sample {k + 1}")
-    ids, shown = [], ''
-    prefix = sp.decode(prompt[1:])
+    text, n = TextStream(sp, prompt), 0
     t0 = time.time()
     print(start, end='', flush=True)
-    for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token=eos):
-        t = token.item()
-        if t == eos:
+    for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_token=sp.eos_id()):
+        if token.item() == sp.eos_id():
             break
-        ids.append(t)
-        # decode everything so far: a character may span several byte tokens, so an incomplete
-        # one (shown as U+FFFD) waits for the rest of its bytes
-        text = sp.decode(prompt[1:] + ids)[len(prefix):].rstrip('\ufffd')
-        print(text[len(shown):], end='', flush=True)
-        shown = text
-    print(sp.decode(prompt[1:] + ids)[len(prefix) + len(shown):], end='')
+        text.add(token.item())
+        print(text.fresh(), end='', flush=True)
+        n += 1
+    print(text.fresh(final=True), end='')
     dt = time.time() - t0
-    print(f"\n[{len(ids)} tokens, {len(ids) / dt:.1f} tok/s]", file=sys.stderr)
+    print(f"\n[{n} tokens, {n / dt:.1f} tok/s]", file=sys.stderr)

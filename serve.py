@@ -22,13 +22,14 @@ import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import sentencepiece as spm
 import torch
 
-from common import configure, die, first_line, load_checkpoint, model_from_checkpoint, pick_device
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import configure, die, first_line, pick_device
 from engines import ENGINES
-from inference import optimize_for_inference
-from model import sample
+from inference import QUANTIZE, optimize_for_inference
+from model import KVCache, sample, slide
+from tokenizer import TextStream, prompt_ids, tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -87,6 +88,9 @@ class Batcher:
     The rows in use are always 0..n-1: a row that leaves is replaced by the last one."""
 
     def __init__(self, prefill, step, block_size, eos, max_batch, max_queue, move=None):
+        """prefill(row, ids) runs ids (1, T) into an emptied row of the cache; step(ids) runs
+        ids (n, 1) after rows 0..n-1; both return the logits (rows, vocab) after the last;
+        move(src, dst) copies a row."""
         self.prefill, self.step, self.move = prefill, step, move
         self.block_size, self.eos, self.max_batch, self.max_queue = block_size, eos, max_batch, max_queue
         self.waiting, self.rows = [], []   # sequences; rows[i] is in row i of the cache
@@ -120,15 +124,10 @@ class Batcher:
                         s.out.put((s.index, None, 'error'))
                     self.rows = []
 
-    def start(self, row, s):
-        """Run s's context from an empty cache row; returns the logits (1, vocab) after it."""
-        s.pos = len(s.context)
-        return self.prefill(row, torch.tensor([s.context]))
-
     def iterate(self, new):
         for s in new:
             self.rows.append(s)
-            s.logits = self.start(len(self.rows) - 1, s)
+            s.logits, s.pos = self.prefill(len(self.rows) - 1, torch.tensor([s.context])), len(s.context)
         # one token for every row, each with its own settings and random numbers
         for s in self.rows:
             if s.done:
@@ -151,21 +150,15 @@ class Batcher:
                 if i < len(self.rows):  # the last row fills the gap
                     self.move(len(self.rows), i)
                     self.rows[i] = last
-        # the context rule of model.decode: a full cache restarts from the most recent half
-        restarted = set()
+        # model.decode's context rule: a full row starts again from its most recent half
         for i, s in enumerate(self.rows):
-            if s.pos == self.block_size:
-                s.context = s.context[-(self.block_size // 2):]
-                s.logits = self.start(i, s)
-                restarted.add(i)
-        if len(restarted) < len(self.rows):
-            # a restarted row rides along: its logits are dropped, and what the step writes in
-            # its cache row (at its position, past its context) is overwritten by its next step
-            logits = self.step(torch.tensor([[s.context[-1]] for s in self.rows]),
-                               torch.tensor([s.pos for s in self.rows]))
+            if (window := slide(torch.tensor(s.context), s.pos, self.block_size)) is not None:
+                s.context, s.pos = window.tolist(), len(window) - 1
+                self.prefill(i, window[None, :-1])
+        if self.rows:  # the new token of every row, each at its own position
+            logits = self.step(torch.tensor([[s.context[-1]] for s in self.rows]))
             for i, s in enumerate(self.rows):
-                if i not in restarted:
-                    s.logits, s.pos = logits[i:i + 1], s.pos + 1
+                s.logits, s.pos = logits[i:i + 1], s.pos + 1
 
 
 # ------------------------------------------------------------------------------ requests
@@ -220,7 +213,7 @@ def parse_completion(body, sp, block_size, limit, max_batch):
     except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); text does not
         raise BadRequest("'prompt' must be valid Unicode text", 'prompt') from None
     # a story starts with its begin-of-story token; SentencePiece adds the leading-space marker
-    p['prompts'] = [(text, [sp.bos_id()] + sp.encode(text)) for text in prompts]
+    p['prompts'] = [(text, prompt_ids(sp, text)) for text in prompts]
     for text, ids in p['prompts']:
         if len(ids) > block_size:
             raise BadRequest(f"the prompt is {len(ids)} tokens (with the begin-of-story token); "
@@ -229,39 +222,13 @@ def parse_completion(body, sp, block_size, limit, max_batch):
     return p
 
 
-def held_back(text, stops):
-    """How many characters at the end of text could begin one of the stop strings: those wait
-    until the next token shows whether the stop string comes."""
-    return max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
-
-
-class Choice:
-    """One choice's text as its tokens arrive: decoded whole each time (a character may span
-    several byte tokens; an incomplete one, shown as U+FFFD, waits for the rest) and cut at
-    the first stop string."""
-
-    def __init__(self, sp, prompt_ids, stops):
-        self.sp, self.prompt, self.stops = sp, prompt_ids[1:], stops
-        self.prefix = sp.decode(self.prompt)
-        self.ids, self.text, self.sent, self.reason = [], '', 0, None
-
-    def add(self, token):
-        """Take one token; returns True when a stop string has ended the text."""
-        self.ids.append(token)
-        self.text = self.sp.decode(self.prompt + self.ids)[len(self.prefix):]
-        cuts = [cut for cut in map(self.text.find, self.stops) if cut >= 0]
-        if cuts:
-            self.text, self.reason = self.text[:min(cuts)], 'stop'
-        return bool(cuts)
+class Choice(TextStream):
+    """One choice of a request: its text as its tokens arrive (cut at the first stop string),
+    and why it ended (None while it goes on)."""
+    reason = None
 
     def fresh(self):
-        """The text not yet sent that is safe to send: all of it once the choice has ended."""
-        end = len(self.text)
-        if self.reason is None:
-            safe = self.text.rstrip('\ufffd')
-            end = max(self.sent, len(safe) - held_back(safe, self.stops))
-        out, self.sent = self.text[self.sent:end], end
-        return out
+        return super().fresh(final=self.reason is not None)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -454,7 +421,7 @@ class Handler(BaseHTTPRequestHandler):
                                      status=500, kind='server_error')
                 c.reason = reason[0]
             elif c.add(token):
-                seqs[i].done = True
+                c.reason, seqs[i].done = 'stop', True
             left -= c.reason is not None
             yield i
 
@@ -463,7 +430,7 @@ class App:
     """What the handlers share: the tokenizer, the batch, the page and the model's name."""
 
     def __init__(self, ckpt, batcher, name, api_key):
-        self.sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
+        self.sp = tokenizer(ckpt)
         self.batcher, self.name, self.api_key = batcher, name, api_key
         self.limits = ckpt['model_args']['block_size'], max_tokens_limit, max_batch
         self.model_card = {'id': name, 'object': 'model', 'created': int(time.time()), 'owned_by': 'serve.py'}
@@ -473,26 +440,30 @@ class App:
 
 def build(ckpt):
     """The Batcher for the checkpoint's model, run by `engine`."""
-    args = ckpt['model_args']
-    eos = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer']).eos_id()
-    if engine != 'torch':  # these take one sequence, or a batch all at one position
+    block_size, eos = ckpt['model_args']['block_size'], tokenizer(ckpt).eos_id()
+    if engine != 'torch':  # these take one sequence
         from engines import make_engine
         model = make_engine(engine, ckpt, quantize, threads)
-        return Batcher(lambda row, ids: model.start(ids), model.step, args['block_size'], eos, 1, max_queue)
+
+        def prefill(row, ids):
+            model.reset()
+            return model.step(ids)
+        return Batcher(prefill, model.step, block_size, eos, 1, max_queue)
     model = optimize_for_inference(model_from_checkpoint(ckpt).eval().to(device), quantize)
-    hd = args['n_embd'] // args['n_head']
-    cache = torch.empty(args['n_layer'], 2, max_batch, args['n_head'], args['block_size'], hd, device=device)
+    cache = KVCache(model.config, max_batch, device)
 
     def prefill(row, ids):
-        return model(ids.to(device), cache=cache[:, :, row:row + 1])[0][:, -1].cpu()
+        one = cache.rows(row, row + 1)
+        one.pos.zero_()
+        return model(ids.to(device), cache=one)[0][:, -1].cpu()
 
-    def step(tokens, pos):  # rows 0..n-1, each at its own position
-        return model(tokens.to(device), cache=cache[:, :, :len(pos)], pos=pos.to(device))[0][:, -1].cpu()
+    def step(ids):  # rows 0..n-1, each at its own position
+        return model(ids.to(device), cache=cache.rows(0, len(ids)))[0][:, -1].cpu()
 
     def move(src, dst):
-        cache[:, :, dst] = cache[:, :, src]
+        cache.kv[:, :, dst], cache.pos[dst] = cache.kv[:, :, src], cache.pos[src]
 
-    return Batcher(prefill, step, args['block_size'], eos, max_batch, max_queue, move)
+    return Batcher(prefill, step, block_size, eos, max_batch, max_queue, move)
 
 
 class Server(ThreadingHTTPServer):
@@ -520,13 +491,8 @@ class Server(ThreadingHTTPServer):
 
 
 if __name__ == '__main__':
-    configure(globals())
-    if engine not in ENGINES:
-        die(f"bad value engine={engine!r}: use one of {', '.join(ENGINES)}")
-    if quantize not in ('none', 'int8'):
-        die(f"bad value quantize={quantize!r}: use 'none' or 'int8'")
-    if not 1 <= max_batch <= 256 or max_queue < 1:
-        die(f"max_batch must be in 1..256 and max_queue ≥ 1 (got {max_batch}, {max_queue})")
+    configure(globals(), dict(engine=ENGINES, quantize=QUANTIZE, max_batch='[1, 256]', max_queue='>= 1',
+                              max_tokens_limit='>= 1', port='[0, 65535]', threads='>= 0'))
     if threads:
         torch.set_num_threads(threads)
     device = pick_device(device, quantize) if engine == 'torch' else 'cpu'

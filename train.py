@@ -22,10 +22,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from common import configure, die, first_line, pick_device, pick_dtype, peak_flops, \
-    save_checkpoint, load_checkpoint, model_from_checkpoint
-from inference import import_ipex
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, sha256
+from common import DEVICES, configure, die, first_line, import_ipex, peak_flops, pick_device, pick_dtype
+from data import load_meta, tok_dir, tokenizer_of
 from model import GPT, GPTConfig
+from protocol import score, split_stories
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU quick start's model (config/tinystories_cpu.py); config/*.py and --key=value override
@@ -77,11 +78,20 @@ threads = 0              # CPU threads for torch; 0 = PyTorch's default (the phy
 seed = 1337
 # -----------------------------------------------------------------------------
 given = set()  # the settings set on the command line (a config file or a flag)
-config = configure(globals(), given=given)
+config = configure(globals(), dict(
+    batch_size='>= 1', block_size='>= 1', learning_rate='> 0', max_iters='>= 0', eval_interval='>= 1',
+    eval_iters='>= 1', log_interval='>= 1', gradient_accumulation_steps='>= 1', dropout='[0, 1)',
+    attn_dropout='[0, 1)', warmup_iters='>= 0', grad_clip='>= 0', patience='>= 0', lora_rank='>= 0',
+    lora_alpha='> 0', threads='>= 0', tokenizer=('bpe', 'char'), pos_emb=('rope', 'learned'),
+    min_lr=(lambda v: 0 <= v <= learning_rate, 'in [0, learning_rate]'),
+    n_embd=(lambda v: v > 0 and n_head > 0 and v % n_head == 0 and v // n_head % 2 == 0,
+            'a multiple of n_head with an even head size (RoPE rotates pairs)'),
+    init_from=(lambda v: v in ('scratch', 'resume') or os.path.isfile(v),
+               "'scratch', 'resume' or the path of a checkpoint (no such file)"),
+    dtype=('auto', 'float32', 'bfloat16', 'float16'),
+    device=(lambda v: v == 'auto' or v.split(':')[0] in DEVICES, "auto, cpu, cuda, cuda:N, xpu or mps")),
+    given=given)
 # -----------------------------------------------------------------------------
-
-from eval import score, split_stories  # noqa: E402
-from prepare import load_meta, tok_dir  # noqa: E402
 
 # A resumed run continues the run it resumes: the checkpoint's settings are the base, and what
 # the command line sets overrides them.
@@ -101,21 +111,6 @@ if init_from == 'resume':
         if k in ckpt['config'] and config[k] != was and int(os.environ.get('RANK', 0)) == 0:
             print(f"resume: {k} = {config[k]!r} (the run had {was!r})")
 
-for key, ok, need in [
-        ('batch_size', batch_size > 0, '> 0'), ('block_size', block_size > 0, '> 0'),
-        ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', 0 <= min_lr <= learning_rate, 'in [0, learning_rate]'),
-        ('max_iters', max_iters >= 0, '>= 0'), ('eval_interval', eval_interval > 0, '> 0'),
-        ('eval_iters', eval_iters > 0, '> 0'), ('gradient_accumulation_steps', gradient_accumulation_steps > 0, '> 0'),
-        ('dropout', 0 <= dropout < 1, 'in [0, 1)'), ('attn_dropout', 0 <= attn_dropout < 1, 'in [0, 1)'),
-        ('warmup_iters', warmup_iters >= 0, '>= 0'),
-        ('n_embd', n_embd > 0 and n_head > 0 and n_embd % n_head == 0 and n_embd // n_head % 2 == 0,
-         'a multiple of n_head with an even head size (RoPE rotates pairs)'),
-        ('grad_clip', grad_clip >= 0, '>= 0 (0 = off)'), ('patience', patience >= 0, '>= 0 (0 = off)'),
-        ('init_from', init_from in ('scratch', 'resume') or os.path.isfile(init_from),
-         "'scratch', 'resume' or the path of a checkpoint (no such file)"),
-        ('lora_rank', lora_rank >= 0, '>= 0 (0 = off)'), ('lora_alpha', lora_alpha > 0, '> 0')]:
-    if not ok:
-        die(f"bad value {key}={config[key]!r}: it must be {need}")
 # fine-tuning: the model, its shape and its tokenizer come from the checkpoint it starts from
 base, base_path = None, init_from if init_from not in ('scratch', 'resume') else None
 if base_path:
@@ -212,8 +207,7 @@ for split in ('train', 'val'):
         die(f"{path} has {n} tokens, not enough for block_size={block_size}: rerun prepare.py "
             f"with more data or lower --block_size")
     data[split] = path
-with open(os.path.join(data_path, meta['tokenizer_model']), 'rb') as f:
-    tokenizer_proto = f.read()
+tokenizer_proto = tokenizer_of(data_path, meta)
 if (ckpt or base) is not None and (ckpt or base)['tokenizer'] != tokenizer_proto:
     die(f"the tokenizer in {data_path} is not the one the checkpoint was trained with (prepare.py "
         f"was rerun?): use data prepared with that checkpoint's tokenizer, or train from scratch")
@@ -264,7 +258,6 @@ else:
     model_args['block_size'] = start['model_args']['block_size']
     iter_num, best_val_loss, bad_evals = 0, float('inf'), 0
 if lora_rank:
-    from common import sha256
     from lora import add_lora
     wrapped = add_lora(model, lora_rank, lora_alpha, lora_targets)
     if not wrapped:
@@ -472,7 +465,7 @@ while True:
     if iter_num % log_interval == 0 and master:
         dt = (time.time() - t0) / iters_timed
         t0, iters_timed = time.time(), 0
-        mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak * world_size, block_size)
+        mfu = raw_model.flops_per_token(block_size) * tokens_per_iter / dt / (peak * world_size)
         eta = dt * (max_iters - iter_num)
         log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
             f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {int(eta // 60)}m{int(eta % 60):02d}s")

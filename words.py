@@ -16,16 +16,19 @@ task's training split. Beside each .bin, a .mask.bin marks the tokens training s
 and its end, not the prompt's.
 """
 import hashlib
-import json
 import os
 import random
 import re
+from json import dumps
 
 import numpy as np
 import sentencepiece as spm
 import torch
 
-from common import configure, die, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import configure, die
+from data import SPLITS, atomic_write, load_meta, read_stories, story_ids, tok_dir, tokenizer_of, write_json
+from tokenizer import prompt_ids, tokenizer
 
 # -----------------------------------------------------------------------------
 data_dir = 'data'        # where prepare.py wrote the stories (data_dir/tok{vocab_size})
@@ -45,10 +48,8 @@ max_new_tokens = 300
 batch_size = 16          # prompts decoded at once
 seed = 1337
 threads = 0
-json_out = False         # also print the result as one JSON object
+json = False             # also print the result as one JSON object
 # -----------------------------------------------------------------------------
-
-SPLITS = ('train', 'val', 'test')
 # words too common to be a task: function words and the verbs every story has
 COMMON = set("""the and but for nor yet with from into onto upon over under about after before
 again then than that this these those there their they them she her hers him his its our ours
@@ -83,40 +84,27 @@ def uses(story, word):
     return re.search(rf"\b{re.escape(word)}\b", story, re.IGNORECASE) is not None
 
 
-def read_split(src, split, sp, bos):
-    """The stories of a prepared split (.bin: BOS + ids + EOS each), as text, one at a time:
-    a split of gigabytes is read a million tokens at a time."""
-    ids = np.memmap(os.path.join(src, f'{split}.bin'), dtype=np.uint16, mode='r')
-    start, step = 0, 1 << 20
-    for at in range(0, len(ids), step):
-        for b in np.flatnonzero(ids[at:at + step] == bos) + at:
-            if b > start:
-                yield sp.decode(ids[start + 1:b - 1].tolist())  # up to its EOS
-            start = b
-    if len(ids):
-        yield sp.decode(ids[start + 1:len(ids) - 1].tolist())
+def read_split(src, split, sp):
+    """The stories of a prepared split, as text, one at a time."""
+    for ids in story_ids(src, split, sp.bos_id()):
+        yield sp.decode(ids[1:-1].tolist())  # less BOS and EOS
 
 
 def make(src, dst):
     """The task's splits from the prepared ones (or train_text's stories), the same tokenizer."""
-    from prepare import load_meta, write_json
     meta = load_meta(src)
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(src, meta['tokenizer_model']))
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer_of(src, meta))
     os.makedirs(dst, exist_ok=True)
     out = {k: meta[k] for k in ('vocab_size', 'tokenizer', 'tokenizer_model', 'tokenizer_pieces',
                                 'bos_id', 'eos_id')}
     for split in SPLITS:
         ids, mask, n_bytes, n = [], [], 0, 0
-        if split == 'train' and train_text:
-            from prepare import read_stories
-            stories = read_stories(train_text)
-        else:
-            stories = read_split(src, split, sp, meta['bos_id'])
+        stories = read_stories(train_text) if split == 'train' and train_text else read_split(src, split, sp)
         for story in stories:
             words = pick_words(story, n_words)
             if words is None:
                 continue
-            head, body = [meta['bos_id']] + sp.encode(prompt_text(words)), sp.encode(story) + [meta['eos_id']]
+            head, body = prompt_ids(sp, prompt_text(words)), sp.encode(story) + [meta['eos_id']]
             ids.append(np.array(head + body, dtype=np.uint16))
             mask.append(np.array([0] * len(head) + [1] * len(body), dtype=np.uint8))  # scored: the story
             n_bytes += len((prompt_text(words) + ' ' + story).encode('utf-8'))
@@ -125,13 +113,12 @@ def make(src, dst):
                 break
         ids, mask = np.concatenate(ids), np.concatenate(mask)
         for name, values in ((f'{split}.bin', ids), (f'{split}.mask.bin', mask)):
-            values.tofile(os.path.join(dst, name + '.tmp'))
-            os.replace(os.path.join(dst, name + '.tmp'), os.path.join(dst, name))
+            with atomic_write(os.path.join(dst, name)) as f:
+                f.write(values.tobytes())
         out.update({f'{split}_tokens': len(ids), f'{split}_bytes': n_bytes, f'{split}_stories': n})
         print(f"{split}: {n:,} prompts and stories, {len(ids):,} tokens, {int(mask.sum()):,} of them scored")
-    with open(os.path.join(src, meta['tokenizer_model']), 'rb') as f, \
-            open(os.path.join(dst, meta['tokenizer_model']), 'wb') as g:
-        g.write(f.read())
+    with atomic_write(os.path.join(dst, meta['tokenizer_model'])) as f:
+        f.write(tokenizer_of(src, meta))
     write_json({**out, 'source': src, 'train_text': train_text, 'task': 'words', 'dtype': 'uint16'},
                os.path.join(dst, 'meta.json'))
     print(f"wrote {dst}: train with --data_dir={os.path.dirname(dst)}")
@@ -166,10 +153,10 @@ def interval(used, stat, n=2000):
 
 
 if __name__ == '__main__':
-    configure(globals())
+    configure(globals(), dict(n_words='>= 1', prompts='>= 1', samples='>= 1', temperature='>= 0',
+                              top_p='(0, 1]', max_new_tokens='>= 1', batch_size='>= 1', threads='>= 0'))
     if threads:
         torch.set_num_threads(threads)
-    from prepare import tok_dir, load_meta
     if not score:
         try:
             make(tok_dir(data_dir, vocab_size), tok_dir(out_data_dir, vocab_size))
@@ -180,13 +167,14 @@ if __name__ == '__main__':
     ckpts = [load_checkpoint(os.path.join(d, ckpt_name)) for d in out_dirs]
     if len({c['tokenizer'] for c in ckpts}) > 1:
         die(f"--score={score}: the checkpoints have different tokenizers; compare models of one tokenizer")
-    sp = spm.SentencePieceProcessor(model_proto=ckpts[0]['tokenizer'])
+    sp = tokenizer(ckpts[0])
     src = tok_dir(data_dir, ckpts[0]['model_args']['vocab_size'])
     try:
-        stories = list(read_split(src, 'test', sp, load_meta(src)['bos_id']))
+        load_meta(src)
+        stories = list(read_split(src, 'test', sp))
     except (ValueError, OSError) as e:
         die(str(e))
-    tasks = [(w, [sp.bos_id()] + sp.encode(prompt_text(w))) for w in map(pick_words, stories) if w][:prompts]
+    tasks = [(w, prompt_ids(sp, prompt_text(w))) for w in map(pick_words, stories) if w][:prompts]
     used, every = [], []  # per model: words used per prompt (all samples), stories using every word
     for d, ckpt in zip(out_dirs, ckpts):
         results = word_use(model_from_checkpoint(ckpt).eval(), sp, tasks * samples)
@@ -208,6 +196,6 @@ if __name__ == '__main__':
             line += f"; {gain(used):.0%} of {out_dirs[1]}'s gain ({lo:.0%} to {hi:.0%})"
         print(line)
     print(f"({len(tasks)} held-out prompts x {samples} stories, {n_words} words each)")
-    if json_out:
+    if json:
         models = [{'out_dir': d, 'every_word': e, 'words': s} for d, e, s in zip(out_dirs, every, share)]
-        print(json.dumps({'prompts': len(tasks), 'samples': samples, 'models': models}))
+        print(dumps({'prompts': len(tasks), 'samples': samples, 'models': models}))

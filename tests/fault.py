@@ -18,8 +18,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import eval  # noqa: E402
 import model  # noqa: E402
+import protocol  # noqa: E402
 
 rank, log = int(os.environ.get('RANK', 0)), os.environ.get('FAULT_LOG')
 if log:
@@ -56,7 +56,7 @@ if rank == int(os.environ.get('FAULT_RANK', 0)):
                         busy.write(f"{time.time()!r}\n")
                 return out
             return slowly
-        torch.save, eval.score = slow(torch.save), slow(eval.score)
+        torch.save, protocol.score = slow(torch.save), slow(protocol.score)
 
 sys.argv = [str(ROOT / 'train.py')] + sys.argv[1:]
 runpy.run_path(str(ROOT / 'train.py'), run_name='__main__')

@@ -1,7 +1,11 @@
 """bench.py: the speed report's JSON lines and its ratios."""
 import json
 
+import pytest
+
 from conftest import run
+
+pytestmark = pytest.mark.slow
 
 
 def bench_json(*args):

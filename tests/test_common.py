@@ -1,11 +1,14 @@
-"""The settings system (common.configure) and the checkpoint helpers."""
+"""The settings system (common.configure, its declared checks), the checkpoint helpers, the
+atomic write and the CPU inference layout."""
 import os
 import random
 
 import pytest
 import torch
 
-from common import configure, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from common import configure
+from data import atomic_write
 from inference import optimize_for_inference
 
 
@@ -16,38 +19,38 @@ def settings():
 
 def test_literals_strings_and_equals_signs_in_values():
     g = settings()
-    cfg = configure(g, ['--batch_size=32', '--start=a=b c', '--top_k=40', '--out_dir=runs/x'])
+    cfg = configure(g, argv=['--batch_size=32', '--start=a=b c', '--top_k=40', '--out_dir=runs/x'])
     assert g['batch_size'] == 32 and g['start'] == 'a=b c' and g['top_k'] == 40
     assert cfg == {k: g[k] for k in cfg} and '_private' not in cfg and g['out_dir'] == 'runs/x'
 
 
 def test_int_for_float_space_form_and_bare_boolean_flag():
     g = settings()
-    configure(g, ['--learning_rate=1', '--compile', '--start', 'Once upon', '--batch-size', '4'])
+    configure(g, argv=['--learning_rate=1', '--compile', '--start', 'Once upon', '--batch-size', '4'])
     assert g['learning_rate'] == 1.0 and isinstance(g['learning_rate'], float)
     assert g['compile'] is True and g['start'] == 'Once upon' and g['batch_size'] == 4
-    configure(g, ['--compile=false'])
+    configure(g, argv=['--compile=false'])
     assert g['compile'] is False
 
 
 def test_text_settings_take_their_text_as_given():
     g = settings()
     for text in ('none', 'None', '1e3', 'True', '[1, 2]', "'quoted'", '42'):
-        configure(g, ['--start', text])
+        configure(g, argv=['--start', text])
         assert g['start'] == text
-        configure(g, [f'--start={text}'])
+        configure(g, argv=[f'--start={text}'])
         assert g['start'] == text
 
 
 def test_none_only_where_the_default_is_none(capsys):
     g = settings()
-    configure(g, ['--top_k=None'])
+    configure(g, argv=['--top_k=None'])
     assert g['top_k'] is None
-    configure(g, ['--top_k=none'])
+    configure(g, argv=['--top_k=none'])
     assert g['top_k'] is None
     for argv in (['--batch_size=None'], ['--learning_rate=none'], ['--compile=None']):
         with pytest.raises(SystemExit):
-            configure(settings(), argv)
+            configure(settings(), argv=argv)
         err = capsys.readouterr().err
         assert err.count('\n') == 1 and 'must be of type' in err and 'None' in err, err
 
@@ -57,9 +60,9 @@ def test_a_bare_flag_never_takes_a_config_file(tmp_path):
     f.write_text("batch_size = 64\n")
     g = settings()
     given = set()
-    configure(g, ['--compile', str(f)], given=given)
+    configure(g, argv=['--compile', str(f)], given=given)
     assert g['compile'] is True and g['batch_size'] == 64 and given == {'compile', 'batch_size'}
-    configure(g, ['--compile', 'false', str(f)])
+    configure(g, argv=['--compile', 'false', str(f)])
     assert g['compile'] is False
 
 
@@ -67,7 +70,7 @@ def test_config_file_then_flags_in_order(tmp_path):
     f = tmp_path / 'c.py'
     f.write_text("import math\nbatch_size = 64\nlearning_rate = 3e-4 * math.sqrt(4)\n")
     g = settings()
-    configure(g, [str(f), '--batch_size=2'])
+    configure(g, argv=[str(f), '--batch_size=2'])
     assert g['batch_size'] == 2 and g['learning_rate'] == pytest.approx(6e-4)
 
 
@@ -81,7 +84,7 @@ def test_config_file_then_flags_in_order(tmp_path):
 ])
 def test_bad_settings_are_one_clear_line(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
-        configure(settings(), argv)
+        configure(settings(), argv=argv)
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'error:' in err
@@ -89,11 +92,33 @@ def test_bad_settings_are_one_clear_line(argv, words, capsys):
         assert w in err
 
 
+@pytest.mark.parametrize('argv, words', [
+    (['--batch_size=0'], "bad value batch_size=0: it must be >= 1"),
+    (['--learning_rate=0'], "bad value learning_rate=0.0: it must be in (0, 1]"),
+    (['--learning_rate=1.5'], "bad value learning_rate=1.5: it must be in (0, 1]"),
+    (['--out_dir=tmp'], "bad value out_dir='tmp': use 'out', 'runs/x' or 'o'"),
+    (['--top_k=2.5'], "bad value top_k=2.5: it must be a whole number"),
+    (['--start=x'], "bad value start='x': it must be empty or long"),
+])
+def test_declared_choices_and_ranges_are_one_clear_line(argv, words, capsys):
+    checks = {'batch_size': '>= 1', 'learning_rate': '(0, 1]', 'out_dir': ('out', 'runs/x', 'o'),
+              'top_k': (lambda v: isinstance(v, int), 'a whole number'),
+              'start': (lambda v: v == '' or len(v) > 3, 'empty or long')}
+    g = settings()
+    configure(g, checks, argv=['--learning_rate=1', '--top_k=3', '--batch_size=1', '--out_dir=o'])
+    assert g['learning_rate'] == 1.0 and g['top_k'] == 3  # the edges of the ranges pass
+    with pytest.raises(SystemExit) as e:
+        configure(settings(), checks, argv=argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count('\n') == 1 and words in err, err
+    configure(settings(), checks, argv=['--top_k=None'])  # None where the default is None: no check
+
+
 def test_unknown_key_in_config_file(tmp_path, capsys):
     f = tmp_path / 'c.py'
     f.write_text("batchsize = 64\n")
     with pytest.raises(SystemExit):
-        configure(settings(), [str(f)])
+        configure(settings(), argv=[str(f)])
     assert "unknown setting 'batchsize'" in capsys.readouterr().err
 
 
@@ -138,6 +163,32 @@ def test_corrupt_checkpoints_are_one_clear_line(tmp_path, capsys, damage):
         load_checkpoint(path)
     err = capsys.readouterr().err
     assert ('corrupt' in err or 'not a checkpoint' in err) and err.count('\n') == 1, err
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / 'f.bin'
+    with atomic_write(path) as f:
+        f.write(b'old')
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as f:
+            f.write(b'half of the new')
+            raise RuntimeError('crash')
+    assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['f.bin']
+
+
+def test_disk_full_during_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
+    path = str(tmp_path / 'last.pt')
+    save_checkpoint({'model': {'w': torch.ones(3)}, 'model_args': {}}, path)
+
+    def full(obj, f):
+        f.write(b'partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full)
+    with pytest.raises(OSError, match='No space left on device.*previous one is kept'):
+        save_checkpoint({'model': {'w': torch.zeros(3)}, 'model_args': {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)['model']['w'], torch.ones(3))
+    assert os.listdir(tmp_path) == ['last.pt']
 
 
 def test_optimize_for_inference_keeps_the_model_s_outputs():

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
-from test_train import TINY
+from conftest import ROOT, TINY
+
+pytestmark = pytest.mark.slow
 
 
 def torchrun(*args, script='train.py', env=None, **kw):

@@ -5,12 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import STORIES, run
+from conftest import STORIES, one_error_line, run, train
+from data import read_stories
 from engines import make_engine
-from prepare import read_stories
-from test_train import one_error_line, train
+from model import KVCache
 
 import sentencepiece as spm
+
+pytestmark = pytest.mark.slow
 
 
 def all_logits(graph, ids):
@@ -27,13 +29,14 @@ def test_prefill_and_50_cached_steps_match_pytorch(trained, engine):
     ids = torch.randint(cfg.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(all_logits(graph, ids), model(ids, ids)[0], atol=1e-4, rtol=0)
-        cache = torch.empty(cfg.n_layer, 2, 2, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        cache = KVCache(cfg, 2)
         ours = model(ids, cache=cache)[0][:, -1]
-        theirs = graph.start(ids)
-        for pos in range(12, 62):
+        graph.reset()
+        theirs = graph.step(ids)
+        for _ in range(50):
             torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
             token = torch.randint(cfg.vocab_size, (2, 1))
-            ours, theirs = model(token, cache=cache, pos=pos)[0][:, -1], graph.step(token)
+            ours, theirs = model(token, cache=cache)[0][:, -1], graph.step(token)
 
 
 @pytest.mark.parametrize('engine', ['onnxruntime', 'openvino'])
@@ -74,6 +77,26 @@ def test_int8_costs_under_one_percent_of_bits_per_byte(trained, engine):
     assert theirs / ours < 1.01, (theirs, ours)
     ops = [n.op_type for n in onnx.load(int8.path).graph.node]
     assert ops.count('MatMulNBits') == 4 * model.config.n_layer + 1  # the output layer's too
+
+
+@pytest.mark.parametrize('quant', ['f32', 'int8'])
+def test_export_py_writes_the_graph_that_the_onnxruntime_engine_runs(trained, tmp_path, quant):
+    """export.py --format=onnx --onnx_graph=ort: ONNX Runtime's own session on that file gives
+    the engine's logits exactly, the tokenizer beside it."""
+    import onnxruntime
+    out, ckpt, model = trained
+    path = tmp_path / 'g.onnx'
+    p = run('export.py', f'--out_dir={out}', '--format=onnx', '--onnx_graph=ort', f'--quant={quant}', f'--out={path}')
+    assert str(path) in p.stdout and (tmp_path / 'tokenizer.model').read_bytes() == ckpt['tokenizer']
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    engine = make_engine('onnxruntime', ckpt, 'int8' if quant == 'int8' else 'none')
+    ids = torch.randint(model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    assert [i.name for i in session.get_inputs()][:3] == ['input_ids', 'past_key_values.0.key', 'past_key_values.0.value']
+    theirs = session.run(None, {'input_ids': ids.numpy(), **engine.empty(2)})[0]
+    engine.reset()
+    assert torch.equal(torch.from_numpy(theirs[:, -1]), engine.step(ids))
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert 'GroupQueryAttention' in ops and ('MatMulNBits' in ops) == (quant == 'int8')
 
 
 def test_engine_errors_are_one_line(trained, data_dir, tmp_path):

@@ -10,9 +10,11 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from common import model_from_checkpoint
-from conftest import STORIES, run, stories_slice
-from test_train import one_error_line, train
+from checkpoint import model_from_checkpoint
+from conftest import STORIES, one_error_line, run, stories_slice, train
+from data import read_stories
+
+pytestmark = pytest.mark.slow
 
 
 def eval_json(*args):
@@ -50,7 +52,6 @@ def long_context(data_dir, tmp_path_factory):
 def test_text_bits_per_byte_matches_story_by_story_reference(long_context, tmp_path):
     text = tmp_path / 'held_out.txt'
     text.write_text(stories_slice(STORIES / 'valid.txt', 25), encoding='utf-8')
-    from prepare import read_stories
     loss, bpb, tokens, nbytes = reference(long_context / 'ckpt.pt', read_stories(str(text)))
     r = eval_json(f'--text={text}', f'--out_dir={long_context}', '--batch_size=4')
     assert r['tokens'] == tokens and r['bytes'] == nbytes and r['stories'] == 25
@@ -61,7 +62,6 @@ def test_text_bits_per_byte_matches_story_by_story_reference(long_context, tmp_p
 def test_a_prepared_split_scores_as_its_text(long_context, data_dir, tmp_path):
     """test.bin (BOS + ids + EOS per story) gives exactly what the same stories as text give:
     the held-out half of valid.txt, its 2nd, 4th, ... stories."""
-    from prepare import read_stories
     held_out = read_stories(str(STORIES / 'valid.txt'))[1::2]
     text = tmp_path / 'test.txt'
     text.write_text(''.join(s + '\n<|endoftext|>\n' for s in held_out), encoding='utf-8')
@@ -79,7 +79,6 @@ def test_sliding_window_scores_every_token_once(data_dir, tmp_path):
     train(data_dir, out, '--max_iters=4', '--eval_interval=2')  # block_size 32: stories are longer
     text = tmp_path / 't.txt'
     text.write_text(stories_slice(STORIES / 'valid.txt', 5), encoding='utf-8')
-    from prepare import read_stories
     stories = read_stories(str(text))
     sp = spm.SentencePieceProcessor(model_proto=torch.load(out / 'ckpt.pt', weights_only=True)['tokenizer'])
     tokens = sum(len(sp.encode(s)) for s in stories)  # every story token, not BOS nor EOS

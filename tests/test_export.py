@@ -11,10 +11,11 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from common import load_checkpoint, model_from_checkpoint
-from conftest import STORIES, run
-from prepare import read_stories
-from test_train import one_error_line, train
+from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import ROOT, STORIES, one_error_line, run, start_server, train
+from data import read_stories
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
@@ -144,14 +145,12 @@ def test_the_readme_python_snippets_run_as_written(exported, tmp_path):
     import re
     import subprocess
     import sys
-    from conftest import ROOT
-    from test_serve import start
     text = ''.join((ROOT / f).read_text() for f in ('README.md', 'docs/export.md', 'docs/serve.md'))
     blocks = re.findall(r'```python\n(.*?)```', text, re.S)
     assert len(blocks) >= 5
     (tmp_path / 'out').symlink_to(exported)
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE='1')
-    server, port = start(tmp_path / 'out')  # for the openai client's snippet, on a free port
+    server, port = start_server(tmp_path / 'out')  # for the openai client's snippet, on a free port
     try:
         for code in blocks:
             p = subprocess.run([sys.executable, '-c', code.replace(':8000/', f':{port}/')], cwd=tmp_path,

@@ -9,11 +9,11 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from common import load_checkpoint, model_from_checkpoint
-from conftest import run
+from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import STORIES, log_rows, one_error_line, run, tiny, train
+from data import read_stories
 from lora import add_lora, lora_state, merge, unwrap_state
 from model import GPT, GPTConfig
-from test_train import log_rows, one_error_line, train
 from words import pick_words, read_split, uses
 
 
@@ -38,13 +38,14 @@ def lora_run(words_dir, base, out, *args, ok=True):
                  '--learning_rate=1e-2', '--eval_interval=10', '--dropout=0', *args, ok=ok)
 
 
+@pytest.mark.slow
 def test_the_words_task_scores_only_the_stories_and_keeps_the_splits(words_dir, data_dir):
     d, src = words_dir / 'tok512', data_dir / 'tok512'
     sp = spm.SentencePieceProcessor(model_file=str(d / 'tokenizer.model'))
     ids = np.fromfile(d / 'test.bin', dtype=np.uint16)
     mask = np.fromfile(d / 'test.mask.bin', dtype=np.uint8)
     assert len(ids) == len(mask)
-    stories = list(read_split(src, 'test', sp, sp.bos_id()))
+    stories = list(read_split(src, 'test', sp))
     starts = list(np.flatnonzero(ids == sp.bos_id())) + [len(ids)]
     kept = [s for s in stories if pick_words(s)]
     assert len(kept) == len(starts) - 1 > 20
@@ -57,9 +58,10 @@ def test_the_words_task_scores_only_the_stories_and_keeps_the_splits(words_dir, 
         assert (mask[a:b] == 0).sum() == len(head) and list(mask[a:b][:len(head)]) == [0] * len(head)
 
 
-def test_a_new_lora_model_is_the_base_exactly_and_merges_within_1e_5(trained):
-    model = trained[2]
-    lora = model_from_checkpoint(trained[1]).eval()
+def test_a_new_lora_model_is_the_base_exactly_and_merges_within_1e_5():
+    model = tiny(bias=False, block_size=64).eval()
+    ckpt = {'model': model.state_dict(), 'model_args': vars(model.config)}
+    lora = model_from_checkpoint(ckpt).eval()
     wrapped = add_lora(lora, rank=4, alpha=8, targets='c_attn,c_proj,c_fc')
     assert len(wrapped) == 4 * model.config.n_layer
     idx = torch.randint(model.config.vocab_size, (2, 40))
@@ -68,7 +70,7 @@ def test_a_new_lora_model_is_the_base_exactly_and_merges_within_1e_5(trained):
         for name, p in lora.named_parameters():
             if name.endswith('lora_B'):
                 p.normal_(0, 0.05)
-        merged = model_from_checkpoint({**trained[1], 'model': merge(
+        merged = model_from_checkpoint({**ckpt, 'model': merge(
             unwrap_state(lora.state_dict()), lora_state(lora), 8 / 4)}).eval()
         ours, theirs = lora(idx, idx)[0], merged(idx, idx)[0]
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
@@ -90,8 +92,8 @@ def test_flops_per_token_counts_a_frozen_base_without_its_weight_gradients():
         assert 0.85 < counted.get_total_flops() / x.numel() / model.flops_per_token(64) < 1.0, rank
 
 
-def test_only_the_adapter_trains(trained):
-    lora = model_from_checkpoint(trained[1]).train()
+def test_only_the_adapter_trains():
+    lora = tiny().train()
     add_lora(lora, rank=4, alpha=8, targets='c_attn')
     before = {k: v.clone() for k, v in lora.state_dict().items()}
     opt = lora.configure_optimizers(0.1, 1e-2, (0.9, 0.99))
@@ -106,6 +108,7 @@ def test_only_the_adapter_trains(trained):
     assert {k for k in changed if k.endswith('lora_B')}  # B left zero: it learned
 
 
+@pytest.mark.slow
 def test_a_lora_run_saves_its_adapter_only_loads_merged_and_refuses_another_base(words_dir, base, tmp_path):
     out = tmp_path / 'lora'
     p = lora_run(words_dir, base, out, '--max_iters=20')
@@ -141,6 +144,7 @@ def test_a_lora_run_saves_its_adapter_only_loads_merged_and_refuses_another_base
     assert run('sample.py', f'--out_dir={out}', '--max_new_tokens=5').returncode == 0
 
 
+@pytest.mark.slow
 def test_a_lora_run_resumes_exactly(words_dir, base, tmp_path):
     lora_run(words_dir, base, tmp_path / 'straight', '--max_iters=20', '--lr_decay_iters=20')
     lora_run(words_dir, base, tmp_path / 'split', '--max_iters=10', '--lr_decay_iters=20')
@@ -151,6 +155,7 @@ def test_a_lora_run_resumes_exactly(words_dir, base, tmp_path):
     assert log_rows(tmp_path / 'straight') == log_rows(tmp_path / 'split')
 
 
+@pytest.mark.slow
 def test_peft_loads_the_exported_adapter_on_the_exported_base(words_dir, base, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -169,6 +174,7 @@ def test_peft_loads_the_exported_adapter_on_the_exported_base(words_dir, base, t
     assert (tuned - plain).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_fine_tuning_errors_are_one_line(words_dir, base, data_dir, tmp_path):
     one_error_line(train(words_dir, tmp_path / 'a', '--lora_rank=4', ok=False), 'init_from')
     one_error_line(lora_run(words_dir, base, tmp_path / 'b', '--lora_targets=wte', ok=False), 'lora_targets')
@@ -177,13 +183,14 @@ def test_fine_tuning_errors_are_one_line(words_dir, base, data_dir, tmp_path):
     one_error_line(run('export.py', '--format=peft', f'--out_dir={base.parent}', ok=False), 'LoRA')
 
 
+@pytest.mark.slow
 def test_word_use_compares_models_on_the_same_prompts_and_draws(trained, data_dir, monkeypatch):
     """Two copies of one model write the same stories, prompt for prompt; the interval redraws
     the same prompts for every model (a paired comparison); words.py --score prints both."""
     import words
     d, ckpt, _ = trained
     sp = spm.SentencePieceProcessor(model_proto=ckpt['tokenizer'])
-    stories = list(read_split(data_dir / 'tok512', 'test', sp, sp.bos_id()))[:8]
+    stories = list(read_split(data_dir / 'tok512', 'test', sp))[:8]
     tasks = [(w, [sp.bos_id()] + sp.encode(words.prompt_text(w))) for w in map(pick_words, stories) if w]
     monkeypatch.setattr(words, 'max_new_tokens', 40)
     a, b = (words.word_use(model_from_checkpoint(ckpt).eval(), sp, tasks) for _ in range(2))
@@ -192,16 +199,15 @@ def test_word_use_compares_models_on_the_same_prompts_and_draws(trained, data_di
     used[1] = used[0] + 0.1  # the same gain on every prompt: no spread when paired
     assert words.interval(used, lambda u: u[1].mean() - u[0].mean()) == pytest.approx([0.1, 0.1])
     p = run('words.py', f'--score={d},{d}', f'--data_dir={data_dir}', '--prompts=6', '--samples=2',
-            '--max_new_tokens=30', '--json_out=True')
+            '--max_new_tokens=30', '--json=True')
     result = json.loads(p.stdout.splitlines()[-1])
     assert (result['prompts'], result['samples']) == (6, 2) and result['models'][0] == result['models'][1]
     assert f'+0.0 points over {d} (90 % interval +0.0 to +0.0)' in p.stdout
     one_error_line(run('words.py', f'--score={d},{d}-missing', f'--data_dir={data_dir}', ok=False), 'missing')
 
 
+@pytest.mark.slow
 def test_the_words_task_can_train_on_other_stories(data_dir, tmp_path):
-    from prepare import read_stories
-    from conftest import STORIES
     p = run('words.py', f'--data_dir={data_dir}', '--vocab_size=512', f'--out_data_dir={tmp_path}',
             f'--train_text={STORIES / "valid.txt"}', '--max_train=50')
     n = min(50, sum(pick_words(s) is not None for s in read_stories(STORIES / 'valid.txt')))

@@ -7,16 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from model import GPT, GPTConfig, apply_rope, rope_cache, sample
+from conftest import tiny
+from model import GPT, GPTConfig, KVCache, apply_rope, rope_cache, sample
 
 torch.set_num_threads(2)
-
-
-def tiny(**kw):
-    cfg = dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
-    cfg.update(kw)
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**cfg))
 
 
 # ---------------------------------------------------------------- NumPy references (float64)
@@ -142,7 +136,7 @@ def test_rope_scores_depend_only_on_distance():
 
 # ---------------------------------------------------------------- the whole model
 
-@pytest.mark.parametrize("pos_emb", ["rope", "learned", "sinusoidal"])
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
 def test_causality(pos_emb):
     model = tiny(pos_emb=pos_emb).eval()
     idx = torch.randint(0, 97, (2, 20))
@@ -168,49 +162,69 @@ def test_loss_is_mean_cross_entropy_and_last_logits_without_targets():
 
 
 def test_kv_cache_matches_full_recompute_every_step_across_block_size():
-    """Each sampled step's logits equal a fresh forward pass over the cache's context: the
-    prompt, then every generated token, including after the window restarts at block_size."""
+    """The logits behind each sampled token equal a fresh forward pass over the context the
+    cache holds: the prompt, then every generated token, and after the cache fills (16 tokens)
+    the most recent 8, run again."""
     model = tiny(block_size=16).eval()
     idx = torch.randint(0, 97, (2, 5))
-    seen = []
+    calls = []
     orig = model.forward
 
-    def spy(idx_, targets=None, cache=None, pos=0):
-        out = orig(idx_, targets, cache, pos)
-        seen.append(out[0][:, -1])
+    def spy(ids, targets=None, cache=None):
+        out = orig(ids, targets, cache)
+        calls.append((ids.size(1), out[0][:, -1]))
         return out
     model.forward = spy
     out = model.generate(idx, 40, temperature=0)
     model.forward = orig
     assert out.shape == (2, 45)
-    # replay: the context the cache holds before step s
-    ctx_len, n = 5, 5
-    for s, logits in enumerate(seen[:-1]):
-        ref, _ = model(out[:, n - ctx_len:n])
+    # the first call is the prompt's; after it, a call of one token is each step, and one of 7
+    # tokens the refill of a full cache (whose logits are not sampled from)
+    used = [calls[0][1]] + [logits for T, logits in calls[1:] if T == 1]
+    assert len(used) == 41 and {T for T, _ in calls[1:]} == {1, 7}
+    start = 0
+    for n, logits in zip(range(5, 46), used):  # n: tokens so far; the cache holds start..n-1
+        if n - start > 16:
+            start = n - 8
+        ref, _ = orig(out[:, start:n])
         torch.testing.assert_close(logits, ref[:, -1], rtol=0, atol=1e-5)
-        n += 1
-        ctx_len = 8 if ctx_len == 16 else ctx_len + 1  # full: restart from the last half
-    assert n == 45 and len(seen) == 41
+    assert start > 0  # the window moved
 
 
-@pytest.mark.parametrize("pos_emb", ["rope", "learned", "sinusoidal"])
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
 def test_a_batch_of_rows_at_their_own_positions_matches_each_row_alone(pos_emb):
     """What a server's batch does: sequences of different lengths in rows of one cache, each
     step one token per row at that row's position, equal to a full forward pass of each."""
     model = tiny(block_size=32, pos_emb=pos_emb).eval()
-    cfg = model.config
     seqs = [torch.randint(0, 97, (1, n)) for n in (3, 11, 7)]
-    cache = torch.empty(cfg.n_layer, 2, 3, cfg.n_head, 32, cfg.n_embd // cfg.n_head)
+    cache = KVCache(model.config, 3)
     with torch.no_grad():
         for i, s in enumerate(seqs):
-            model(s, cache=cache[:, :, i:i + 1])  # each prompt into its own row
+            model(s, cache=cache.rows(i, i + 1))  # each prompt into its own row
         for _ in range(12):
             token = torch.randint(0, 97, (3, 1))
-            pos = torch.tensor([s.size(1) for s in seqs])
-            logits = model(token, cache=cache, pos=pos)[0][:, -1]
+            logits = model(token, cache=cache)[0][:, -1]
             seqs = [torch.cat((s, token[[i]]), 1) for i, s in enumerate(seqs)]
             for i, s in enumerate(seqs):
                 torch.testing.assert_close(logits[i], model(s)[0][0, -1], rtol=0, atol=1e-5)
+    assert cache.pos.tolist() == [15, 23, 19]
+
+
+def test_a_cache_takes_several_tokens_after_earlier_ones_and_refuses_too_many():
+    """A second call of several tokens sees the first call's keys (an explicit mask, rows at
+    different positions too), and a row that would pass block_size is refused."""
+    model = tiny(block_size=16).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        for first in ([5, 5], [5, 8]):  # both rows at one position, then at two
+            cache = KVCache(model.config, 2)
+            for r, n in enumerate(first):
+                model(ids[r:r + 1, :n], cache=cache.rows(r, r + 1))
+            logits = [model(ids[r:r + 1, n:n + 4], cache=cache.rows(r, r + 1))[0][0, -1] for r, n in enumerate(first)]
+            for r, n in enumerate(first):
+                torch.testing.assert_close(logits[r], model(ids[r:r + 1, :n + 4])[0][0, -1], rtol=0, atol=1e-5)
+        with pytest.raises(AssertionError, match='block_size'):
+            model(ids[:, :5], cache=cache)  # row 1 holds 12 tokens: 17 > 16
 
 
 def test_prompt_longer_than_block_size_is_cropped():
@@ -222,15 +236,22 @@ def test_prompt_longer_than_block_size_is_cropped():
 
 
 def test_greedy_is_deterministic_and_stop_token_ends_generation():
+    """A row that emits the stop token keeps emitting it; generation ends once every row has."""
     model = tiny().eval()
     idx = torch.randint(0, 97, (3, 4))
     a = model.generate(idx, 20, temperature=0)
     b = model.generate(idx, 20, temperature=0)
     assert torch.equal(a, b)
     stop = a[0, 6].item()  # the token row 0 greedily emits third
+    first = [next((j for j in range(4, 24) if a[r, j] == stop), None) for r in range(3)]
     c = model.generate(idx, 20, temperature=0, stop_token=stop)
-    assert c[0, 6].item() == stop and (c[0, 6:] == stop).all()
-    assert c.size(1) <= 24
+    for r, j in enumerate(first):  # each row as before up to its stop token, then only that
+        end = 24 if j is None else j
+        assert torch.equal(c[r, :end], a[r, :end]) and (c[r, end:] == stop).all()
+    expected = 24 if None in first else max(first) + 1
+    assert c.size(1) == expected
+    one = model.generate(idx[:1], 20, temperature=0, stop_token=stop)  # alone: it ends at its stop
+    assert one.size(1) == first[0] + 1 < 24 and torch.equal(one[0], a[0, :first[0] + 1])
 
 
 def test_top_k_and_top_p_never_sample_outside_their_sets():

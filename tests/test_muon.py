@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from muon import orthogonalize
-from test_model import tiny
+from conftest import tiny
 
 
 @pytest.mark.parametrize('shape', [(96, 32), (32, 96), (48, 48)])

@@ -1,8 +1,11 @@
 """plot.py draws a run's log.csv into a PNG (matplotlib is installed for the tests)."""
 import shutil
 
-from conftest import ROOT, run
-from test_train import one_error_line
+import pytest
+
+from conftest import ROOT, one_error_line, run
+
+pytestmark = pytest.mark.slow
 
 
 def test_plot_writes_a_png_of_the_log(tmp_path):

@@ -12,6 +12,7 @@ import sentencepiece as spm
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO / 'tests' / 'data'
 sys.path.insert(0, str(REPO))
+import data  # noqa: E402
 import prepare  # noqa: E402
 
 N_TRAIN, N_VAL, VOCAB = 250, 80, 512
@@ -73,18 +74,20 @@ def prepared(tmp_path_factory, src_dir):
 
 
 # ---------------------------------------------------------------------------- 1, 2: output
+@pytest.mark.slow
 def test_round_trip(prepared, stories):
     d, stdout = prepared
     for split, st in splits(stories).items():
         assert decode_bin(d, split) == st
-    assert 'test' in prepare.SPLITS and len(splits(stories)['test']) == N_VAL // 2
+    assert 'test' in data.SPLITS and len(splits(stories)['test']) == N_VAL // 2
     for name in ('tokenizer.model', 'train.bin', 'val.bin', 'test.bin', 'meta.json'):
         assert str(d / name) in stdout
 
 
+@pytest.mark.slow
 def test_bin_and_meta(prepared, stories):
     d, _ = prepared
-    meta = prepare.load_meta(str(d))
+    meta = data.load_meta(str(d))
     assert meta['vocab_size'] == meta['tokenizer_pieces'] == VOCAB and meta['tokenizer'] == 'bpe'
     assert (meta['bos_id'], meta['eos_id']) == (1, 2)
     for split, st in splits(stories).items():
@@ -97,6 +100,7 @@ def test_bin_and_meta(prepared, stories):
                                      'train.bin', 'val.bin']
 
 
+@pytest.mark.slow
 def test_exact_round_trip_whole_corpus(prepared):
     """The tokenizer trained on train.txt round-trips every story, the unseen ones of valid.txt
     too (unseen characters go through byte fallback), and the memmap size bound holds."""
@@ -110,6 +114,7 @@ def test_exact_round_trip_whole_corpus(prepared):
         assert len(ids) <= len(s.encode('utf-8')) + 1  # + 2 for BOS/EOS: the memmap bound
 
 
+@pytest.mark.slow
 def test_write_bin_in_process_matches_pool(prepared, stories, tmp_path):
     model = str(prepared[0] / 'tokenizer.model')
     n1 = prepare.write_bin(iter(stories[0]), model, str(tmp_path / 'a.bin'), 1)
@@ -157,6 +162,7 @@ def test_local_formats(tmp_path, src_dir, stories):
     assert splits_of(d) == (train, val, None)
 
 
+@pytest.mark.slow
 def test_single_file_carves_validation(tmp_path, src_dir, stories):
     train = stories[0]
     tr, va, note = splits_of(src_dir / 'train.txt')  # val_fraction 0.01: every 100th story
@@ -175,7 +181,7 @@ def test_read_txt_details(tmp_path):
     p = tmp_path / 'x.txt'
     p.write_bytes(b'\xef\xbb\xbf\n\nFirst line.\r\n  Second.  \r\n\n<|endoftext|>  \r\n \n'
                   b'<|endoftext|>\nLast, no separator.\n\n')
-    assert prepare.read_stories(str(p)) == ['First line.\n  Second.  ', 'Last, no separator.']
+    assert data.read_stories(str(p)) == ['First line.\n  Second.  ', 'Last, no separator.']
 
 
 # ---------------------------------------------------------------------------- 4: errors
@@ -207,6 +213,7 @@ def error_cases(tmp):
 @pytest.mark.parametrize('case', ['missing', 'empty dir', 'csv', 'not utf-8', 'no text field',
                                   'one validation story', 'vocab too big', 'vocab too small',
                                   'bad setting'])
+@pytest.mark.slow
 def test_errors(tmp_path, src_dir, case):
     args, expected = error_cases(tmp_path)[case]
     r = run(f'--source={src_dir}', f'--data_dir={tmp_path / "data"}', *args, cwd=tmp_path)
@@ -217,6 +224,7 @@ def test_errors(tmp_path, src_dir, case):
     assert not (tmp_path / 'data').exists()
 
 
+@pytest.mark.slow
 def test_a_local_copy_of_the_hub_dataset_goes_through_datasets(tmp_path, stories):
     """A folder laid out as the hub's roneneldan/TinyStories (data/ with parquet shards of a
     'text' column, train and validation) is read by datasets.load_dataset, the hub's own path."""
@@ -238,6 +246,7 @@ def test_a_local_copy_of_the_hub_dataset_goes_through_datasets(tmp_path, stories
     assert (tmp_path / 'hf').exists()  # datasets read it (its cache), not prepare's own readers
 
 
+@pytest.mark.slow
 def test_hub_unreachable(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1',
                HF_HOME=str(tmp_path / 'hf'))
@@ -249,6 +258,7 @@ def test_hub_unreachable(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 5: interruptions
+@pytest.mark.slow
 def test_killed_run_leaves_nothing_complete(tmp_path, src_dir, stories):
     """SIGKILL in the middle of writing train.bin; then a rerun completes the job."""
     crash = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); import prepare\n"
@@ -260,26 +270,27 @@ def test_killed_run_leaves_nothing_complete(tmp_path, src_dir, stories):
              "    return real(chunk)\n"
              "prepare._encode_chunk = encode\n"
              "prepare.main()\n")
-    data = tmp_path / 'data'
-    r = subprocess.run([sys.executable, '-c', crash, str(REPO), str(src_dir), str(data)],
+    root = tmp_path / 'data'
+    r = subprocess.run([sys.executable, '-c', crash, str(REPO), str(src_dir), str(root)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr
-    d = data / f'tok{VOCAB}'
+    d = root / f'tok{VOCAB}'
     assert 'new.train.bin.tmp' in os.listdir(d)
     assert not [f for f in os.listdir(d) if f.endswith(('.bin', '.json')) or f.startswith('tok')]
     with pytest.raises(ValueError, match=f'run `python prepare.py --vocab_size={VOCAB}` first'):
-        prepare.load_meta(str(d))
-    r = run(f'--source={src_dir}', f'--data_dir={data}', f'--vocab_size={VOCAB}', cwd=tmp_path)
+        data.load_meta(str(d))
+    r = run(f'--source={src_dir}', f'--data_dir={root}', f'--vocab_size={VOCAB}', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for split, st in splits(stories).items():
         assert decode_bin(d, split) == st
     assert not [f for f in os.listdir(d) if f.endswith('.tmp') or f.startswith('new.')]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('crash_at', [2, 5, 6])  # a chunk of train.bin, of val.bin, of test.bin
 def test_failed_rerun_keeps_previous_data(tmp_path, prepared, stories, monkeypatch, crash_at):
-    data = tmp_path / 'data'
-    d = data / f'tok{VOCAB}'
+    root = tmp_path / 'data'
+    d = root / f'tok{VOCAB}'
     d.mkdir(parents=True)
     names = ('tokenizer.model', 'train.bin', 'val.bin', 'test.bin', 'meta.json')
     for name in names:  # a complete directory from an earlier run
@@ -296,24 +307,25 @@ def test_failed_rerun_keeps_previous_data(tmp_path, prepared, stories, monkeypat
         if len(calls) == crash_at:
             raise RuntimeError('simulated crash')
         return real(chunk)
-    for k, v in dict(source=str(other), data_dir=str(data), vocab_size=VOCAB, tokenizer='bpe',
+    for k, v in dict(source=str(other), data_dir=str(root), vocab_size=VOCAB, tokenizer='bpe',
                      num_proc=1, CHUNK=50, _encode_chunk=encode).items():
         monkeypatch.setattr(prepare, k, v)
     with pytest.raises(RuntimeError, match='simulated crash'):
         prepare.main()
     assert {name: (d / name).read_bytes() for name in names} == before
-    assert prepare.load_meta(str(d))['train_stories'] == N_TRAIN
+    assert data.load_meta(str(d))['train_stories'] == N_TRAIN
     assert decode_bin(d, 'train') == stories[0]
     assert not [f for f in os.listdir(d) if f.endswith('.tmp')]
 
 
 # ---------------------------------------------------------------------------- 6: char tokenizer
+@pytest.mark.slow
 def test_char_tokenizer(tmp_path, src_dir, stories):
     r = run(f'--source={src_dir}', f'--data_dir={tmp_path}', '--tokenizer=char',
             f'--vocab_size={VOCAB}', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     d = tmp_path / f'char{VOCAB}'
-    meta = prepare.load_meta(str(d))
+    meta = data.load_meta(str(d))
     assert meta['tokenizer'] == 'char' and meta['vocab_size'] == VOCAB
     assert 259 < meta['tokenizer_pieces'] <= VOCAB  # every character seen, plus the bytes
     for split, st in splits(stories).items():

@@ -18,28 +18,15 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from conftest import ROOT
-from test_train import one_error_line
+from conftest import ROOT, one_error_line, start_server
 
-
-def start(out, *args):
-    """serve.py on a free loopback port; (process, port) once it listens."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'serve.py'), f'--out_dir={out}', f'--port={port}',
-                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith('serving'):
-        proc.kill()
-        raise AssertionError(f"serve.py did not start: {line}{proc.stderr.read()}")
-    return proc, port
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
 def server(trained):
     """A server with a batch of 4 and a queue of 8, so that a flood meets the bound."""
-    proc, port = start(trained[0], '--max_batch=4', '--max_queue=8')
+    proc, port = start_server(trained[0], '--max_batch=4', '--max_queue=8')
     yield port
     proc.terminate()
     proc.wait()
@@ -245,10 +232,12 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_its_rows(server):
     with socket.create_connection(('127.0.0.1', server)) as s:
         body = json.dumps({'prompt': 'Once', 'max_tokens': 2000, 'n': 2, 'ignore_eos': True})
         s.sendall(f"POST /v1/completions HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
-        for _ in range(200):  # until its rows decode
+        for _ in range(500):  # until its rows decode
             if post(server, None, '/health', method='GET')[1]['decoding'] == 2:
                 break
             time.sleep(0.01)
+        else:
+            pytest.fail("the request's two rows never decoded")
     health = until_idle(server)
     assert health['decoding'] == 0 and health['tokens_generated'] - before < 4000
 
@@ -266,7 +255,7 @@ def test_a_flood_beyond_the_queue_gets_429_and_the_rest_are_served(server):
 
 
 def test_api_key_and_one_line_errors(trained, server):
-    proc, port = start(trained[0], '--api_key=s3cret')
+    proc, port = start_server(trained[0], '--api_key=s3cret')
     try:
         assert post(port, {'prompt': 'Hi'})[0] == 401
         assert post(port, {'prompt': 'Hi'}, headers={'Authorization': 'Bearer wrong'})[0] == 401
@@ -285,7 +274,7 @@ def test_api_key_and_one_line_errors(trained, server):
 
 
 def test_onnxruntime_engine_serves_the_same_greedy_story(trained):
-    proc, port = start(trained[0], '--engine=onnxruntime')
+    proc, port = start_server(trained[0], '--engine=onnxruntime')
     try:
         r = post(port, {'prompt': 'Once upon a time', 'max_tokens': 100, 'temperature': 0})[1]
     finally:

@@ -12,20 +12,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, STORIES, run
+from conftest import ROOT, STORIES, TINY, log_rows, one_error_line, run, train
 
-TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
-        '--eval_iters=2', '--vocab_size=512', '--log_interval=5', '--dropout=0.1',
-        '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4', '--threads=1']
-
-
-def train(data_dir, out, *args, ok=True, **kw):
-    return run('train.py', f'--data_dir={data_dir}', f'--out_dir={out}', *TINY, *args, ok=ok, **kw)
-
-
-def log_rows(out):
-    with open(os.path.join(out, 'log.csv')) as f:
-        return [(r['iter'], r['train_loss'], r['val_loss']) for r in csv.DictReader(f)]
+pytestmark = pytest.mark.slow
 
 
 def weights(path):
@@ -34,15 +23,6 @@ def weights(path):
 
 def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def one_error_line(p, *words):
-    assert p.returncode != 0, p.stdout
-    err = p.stderr.strip()
-    assert 'Traceback' not in err and len(err.splitlines()) == 1 and 'error:' in err, err
-    for w in words:
-        assert w in err, err
-    return err
 
 
 def test_train_resume_sample_end_to_end(data_dir, tmp_path):
@@ -252,22 +232,6 @@ def test_resume_with_larger_block_size_or_other_vocab(data_dir, tmp_path):
                    'muon=True', 'trained with (False)')
 
 
-def test_disk_full_during_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
-    import common
-    path = str(tmp_path / 'last.pt')
-    common.save_checkpoint({'model': {'w': torch.ones(3)}, 'model_args': {}}, path)
-
-    def full(obj, f):
-        f.write(b'partial')
-        raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(torch, 'save', full)
-    with pytest.raises(OSError, match='No space left on device.*previous one is kept'):
-        common.save_checkpoint({'model': {'w': torch.zeros(3)}, 'model_args': {}}, path)
-    monkeypatch.undo()
-    assert torch.equal(common.load_checkpoint(path)['model']['w'], torch.ones(3))
-    assert os.listdir(tmp_path) == ['last.pt']
-
-
 def fault(data_dir, out, kind, after, *args):
     """train.py with a fault injected (tests/fault.py), in one process."""
     return subprocess.run([sys.executable, 'tests/fault.py', f'--data_dir={data_dir}', f'--out_dir={out}',
@@ -284,8 +248,9 @@ def test_a_failed_checkpoint_write_stops_training_and_keeps_the_last_good_one(da
 
 
 @pytest.fixture(scope='module')
-def trained(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp('trained')
+def four_steps(data_dir, tmp_path_factory):
+    """The out_dir of a run of 4 steps: a checkpoint for sample.py's error paths."""
+    out = tmp_path_factory.mktemp('four_steps')
     train(data_dir, out, '--max_iters=4', '--eval_interval=2')
     return out
 
@@ -302,13 +267,13 @@ def trained(data_dir, tmp_path_factory):
     (['--ipex=True'], ['intel_extension_for_pytorch']),
     (['--ckpt_name=nope.pt'], ['no checkpoint']),
 ])
-def test_sample_bad_input(trained, args, words):
-    one_error_line(run('sample.py', f'--out_dir={trained}', *args, ok=False), *words)
+def test_sample_bad_input(four_steps, args, words):
+    one_error_line(run('sample.py', f'--out_dir={four_steps}', *args, ok=False), *words)
 
 
-def test_sample_refuses_damaged_or_mismatched_checkpoints(trained, tmp_path):
-    ck = torch.load(trained / 'ckpt.pt', weights_only=True)
-    (tmp_path / 'trunc.pt').write_bytes((trained / 'ckpt.pt').read_bytes()[:5000])
+def test_sample_refuses_damaged_or_mismatched_checkpoints(four_steps, tmp_path):
+    ck = torch.load(four_steps / 'ckpt.pt', weights_only=True)
+    (tmp_path / 'trunc.pt').write_bytes((four_steps / 'ckpt.pt').read_bytes()[:5000])
     one_error_line(run('sample.py', f'--out_dir={tmp_path}', '--ckpt_name=trunc.pt', ok=False), 'corrupt')
     ck['model_args']['n_embd'] = 64  # another model shape than the weights
     torch.save(ck, tmp_path / 'shape.pt')
@@ -316,13 +281,13 @@ def test_sample_refuses_damaged_or_mismatched_checkpoints(trained, tmp_path):
                    'does not fit')
 
 
-def test_sample_start_from_file(trained, tmp_path):
+def test_sample_start_from_file(four_steps, tmp_path):
     (tmp_path / 'p.txt').write_text('Tom had a red ball.', encoding='utf-8')
-    p = run('sample.py', f'--out_dir={trained}', f'--start=FILE:{tmp_path}/p.txt', '--max_new_tokens=5')
+    p = run('sample.py', f'--out_dir={four_steps}', f'--start=FILE:{tmp_path}/p.txt', '--max_new_tokens=5')
     assert p.stdout.startswith('Tom had a red ball.')
 
 
-def test_sample_start_text_is_taken_as_given(trained):
+def test_sample_start_text_is_taken_as_given(four_steps):
     for text in ('none', '1e3', 'True'):
-        p = run('sample.py', f'--out_dir={trained}', '--start', text, '--max_new_tokens=3')
+        p = run('sample.py', f'--out_dir={four_steps}', '--start', text, '--max_new_tokens=3')
         assert p.stdout.startswith(text), p.stdout
