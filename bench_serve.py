@@ -23,10 +23,10 @@ from common import configure, die
 
 # -----------------------------------------------------------------------------
 url = ''                 # a running server; '' = start serve.py with the settings below
-out_dir = 'out'
+out_dir = 'out'          # the checkpoint serve.py serves
 quantize = 'none'        # serve.py's settings when it is started here
-max_batch = 16
-threads = 0
+max_batch = 16           # sequences decoded together
+threads = 0              # CPU threads for the model; 0 = PyTorch's default
 clients = '1,4,16'       # numbers of concurrent clients, one measurement each
 requests = 3             # completions per client, one after another
 max_tokens = 128

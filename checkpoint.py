@@ -30,12 +30,12 @@ def save_checkpoint(obj, path):
                       f"is kept: free disk space or choose another --out_dir") from None
 
 
-def load_checkpoint(path, device='cpu'):
+def load_checkpoint(path, device='cpu', hint=None):
     """torch.load with weights_only=True: tensors and plain values only, so a crafted file
-    cannot run code. Every failure is one clear line."""
+    cannot run code. Every failure is one clear line; `hint` says how to make a missing one."""
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}: train one first (python train.py config/tinystories_cpu.py)"
-            f" or set --out_dir")
+        die(f"no checkpoint at {path}: " + (hint or "train one first (python train.py "
+                                                     "config/tinystories_cpu.py) or set --out_dir"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # damaged files also warn about pickle protocols

@@ -10,23 +10,45 @@ or range that `checks` declares stops the script with one line naming it.
     python train.py config/tinystories_cpu.py --batch_size=8 --out_dir=out-test
 """
 import ast
+import difflib
+import glob
+import io
 import os
 import re
 import sys
 import time
+import tokenize
+
+
+def script():
+    return os.path.basename(sys.argv[0]) or 'python'
 
 
 def die(msg):
     """Stop with one clear line on stderr, no traceback, exit status 1. Under torchrun the first
     process of each machine prints it: one line per machine, not one per process."""
     if os.environ.get('LOCAL_RANK', '0') == '0':
-        print(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {msg}", file=sys.stderr)
+        print(f"{script()}: error: {msg}", file=sys.stderr)
     sys.exit(1)
 
 
 def first_line(e, n=160):
     """An exception's message, short enough for a one-line error."""
     return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:n]
+
+
+def quiet_exits():
+    """Ctrl-C anywhere ends with one line, not a traceback; a closed pipe (`| head`) ends quietly."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print(f"\n{script()}: stopped (Ctrl-C)", file=sys.stderr)
+        elif issubclass(kind, BrokenPipeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush
+        else:
+            default(kind, value, tb)
+    sys.excepthook = hook
 
 
 # ------------------------------------------------------------------------------ settings
@@ -79,20 +101,57 @@ def violation(value, rule):
     return None if ok else f"it must be in {rule}"
 
 
+def described(path):
+    """{setting: its comment} and {setting: the comment lines above it} from a script's source:
+    what --help shows beside each default."""
+    notes, heads, above = {}, {}, []
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(open(path).read()).readline))
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return notes, heads
+    last = None  # the setting whose line, or comment lines below it, we are in
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.NAME and tok.start[1] == 0 and tokens[i + 1].string == '=':
+            last, heads[tok.string], above = tok.string, above, []
+        elif tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip('#').strip()
+            if tok.start[1] == 0:  # a heading for the settings below it
+                last, above = None, ([] if text.startswith('---') else above + [text])
+            elif last:  # beside the setting, or continued below it
+                notes[last] = f"{notes[last]} {text}" if last in notes else text
+        elif tok.type == tokenize.NEWLINE and tok.start[1] == 0:
+            last = None
+    return notes, heads
+
+
+def print_help(g, keys, checks):
+    notes, heads = described(g.get('__file__', ''))
+    print((g.get('__doc__') or '').strip() + '\n\nsettings (--key=value), their defaults and meanings:')
+    for k in keys:
+        for head in heads.get(k, []):
+            print(f"  # {head}")
+        rule = (checks or {}).get(k)
+        if isinstance(rule, tuple):
+            rule = rule[1] if callable(rule[0]) else f"one of {', '.join(map(repr, rule))}"
+        elif rule:
+            rule = rule if rule[0] in '<>' else f"in {rule}"
+        meaning = '  '.join(x for x in (notes.get(k), rule and f"({rule})") if x)
+        print((f"  --{k}={g[k]!r}".ljust(34) + f" {meaning}").rstrip())
+    sys.exit(0)
+
+
 def configure(g, checks=None, *, argv=None, given=None):
     """Override the settings in the module globals `g` from argv (default sys.argv[1:]), then
     check them against `checks` ({name: rule}, see violation). Returns {name: value} of all
-    settings, to be saved with a checkpoint; the names set by a config file or a flag are added
-    to the set `given`, if one is passed."""
+    settings, to be saved with a checkpoint. `given`, a dict if passed, gets each name that a
+    config file or a flag set, with where: the file's path, or '--name'."""
+    quiet_exits()
     argv = sys.argv[1:] if argv is None else list(argv)
     keys = [k for k, v in g.items()  # UPPER_CASE names are constants, not settings
             if not k.startswith('_') and not k.isupper()
             and isinstance(v, (int, float, bool, str, type(None)))]
     if '--help' in argv or '-h' in argv:
-        print((g.get('__doc__') or '').strip() + '\n\nsettings (--key=value):')
-        for k in keys:
-            print(f"  --{k}={g[k]!r}")
-        sys.exit(0)
+        print_help(g, keys, checks)
 
     def assign(key, value, where):
         if key not in keys:
@@ -101,13 +160,17 @@ def configure(g, checks=None, *, argv=None, given=None):
             die(f"unknown setting '{key}' ({where}); {hint}known: {', '.join(keys)}")
         g[key] = checked(key, g[key], value, where)
         if given is not None:
-            given.add(key)
+            given[key] = where
 
     while argv:
         arg = argv.pop(0)
         if not arg.startswith('--'):  # a config file: Python that assigns settings
             if not os.path.isfile(arg):
-                die(f"config file '{arg}' not found (settings are flags like --key=value)")
+                here = os.path.dirname(os.path.abspath(g.get('__file__', '.')))
+                configs = [os.path.relpath(c, here) for c in glob.glob(os.path.join(here, 'config', '*.py'))]
+                near = difflib.get_close_matches(arg, configs, n=1, cutoff=0.4)
+                hint = f"did you mean {near[0]}? " if near else ""
+                die(f"config file '{arg}' not found: {hint}(settings are flags like --key=value)")
             ns = {k: g[k] for k in keys}
             try:
                 exec(compile(open(arg).read(), arg, 'exec'), ns)

@@ -171,3 +171,9 @@ def story_ids(dir, split, bos_id):
             start = b
     if len(ids):
         yield ids[start:].astype(np.int64)
+
+
+def story_lengths(dir, split, bos_id):
+    """The number of ids of each story of a prepared split (BOS + ids + EOS)."""
+    ids = np.memmap(os.path.join(dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    return np.diff(np.append(np.flatnonzero(ids == bos_id), len(ids)))

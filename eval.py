@@ -12,6 +12,7 @@ byte = total loss in nats / ln 2 / the stories' UTF-8 bytes. train.py ends with 
 figures for val and test.
 """
 import os
+import sys
 from json import dumps
 
 import torch
@@ -24,14 +25,14 @@ from protocol import score, split_stories, text_stories
 from tokenizer import tokenizer
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'
-ckpt_name = 'ckpt.pt'
+out_dir = 'out'          # where the checkpoint is
+ckpt_name = 'ckpt.pt'    # 'ckpt.pt' (the best) or 'last.pt'
 split = 'test'           # a prepared split: 'test' (held out) or 'val' (the checkpoint was chosen on it)
 text = ''                # or any file of stories, instead of a prepared split
 data_dir = ''            # where the split is prepared; '' = where the checkpoint was trained from
 batch_size = 16          # windows scored at once
 quantize = 'none'        # 'int8': dynamic int8 Linear layers, as sample.py --quantize=int8
-device = 'auto'
+device = 'auto'          # 'auto' (cuda, xpu, mps, then cpu) or one of them
 threads = 0              # CPU threads; 0 = PyTorch's default
 json = False             # print the result as one JSON object too
 # -----------------------------------------------------------------------------
@@ -59,6 +60,8 @@ try:
         stories, n_bytes = split_stories(data_path, split, ckpt['tokenizer'])
 except (ValueError, OSError) as e:
     die(str(e))
+print(f"scoring {len(stories):,} stories ({sum(map(len, stories)) - len(stories):,} tokens) of {name} "
+      f"with {path}...", file=sys.stderr, flush=True)
 r = score(model, stories, n_bytes, batch_size, desc=name)
 print(f"{path} on {name}: {r['bpb']:.4f} bits/byte, loss {r['loss']:.4f} nats/token, "
       f"perplexity {r['ppl']:.2f} ({r['stories']:,} stories, {r['tokens']:,} tokens, "

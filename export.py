@@ -30,8 +30,8 @@ from common import alternatives, configure, die
 from formats import ONNX_GRAPHS, export_gguf, export_hf, export_peft, onnx_name, quantize_weights
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'
-ckpt_name = 'ckpt.pt'
+out_dir = 'out'          # where the checkpoint is
+ckpt_name = 'ckpt.pt'    # 'ckpt.pt' (the best) or 'last.pt'
 format = 'hf'            # 'hf': a transformers folder (safetensors, config, tokenizer); 'gguf': llama.cpp; 'onnx'; 'peft'
 out = ''                 # where to write; '' = out_dir/hf, out_dir/peft, out_dir/model-{quant}.gguf or out_dir/model*.onnx
 quant = 'f32'            # gguf weights: 'f32', 'f16' or 'q8_0' (norms and biases stay f32); onnx: 'f32' or 'int8'

@@ -2,7 +2,7 @@
 Prepare TinyStories for training: train a SentencePiece tokenizer and write the token ids.
 
     python prepare.py                                   # from the Hugging Face hub
-    python prepare.py --source=../shared/tinystories
+    python prepare.py --source=TinyStories/             # local files (TinyStories-train.txt, -valid.txt)
 
 Output, in data_dir/tok{vocab_size} (or char{vocab_size}), so several sizes live side by side:
 tokenizer.model, train.bin, val.bin and test.bin (numpy uint16 ids, each story as BOS + ids +
@@ -14,9 +14,11 @@ held out: nothing is chosen on it, so a figure on it is an honest estimate for u
 """
 import collections
 import itertools
+import multiprocessing
 import os
 import random
 import re
+import signal
 import time
 
 import numpy as np
@@ -27,7 +29,7 @@ from data import EXTENSIONS, SPLITS, atomic_write, iter_stories, tok_dir, write_
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'  # a hub dataset; an existing file or directory is local files
-data_dir = 'data'
+data_dir = 'data'        # the splits go to data_dir/tok{vocab_size} (or char{vocab_size})
 vocab_size = 4096       # what config/tinystories_cpu.py uses; see docs/tuning.md
 tokenizer = 'bpe'       # 'bpe' or 'char'
 vocab_sample = 100_000  # stories the tokenizer trains on (a fixed random sample: ~1M sentences)
@@ -36,6 +38,7 @@ val_fraction = 0.01     # share of train carved off as validation when the sourc
 # -----------------------------------------------------------------------------
 
 CHUNK = 1000  # stories per task sent to a tokenizing process
+HUB_FILES = 'https://huggingface.co/datasets/roneneldan/TinyStories/tree/main'
 
 
 def find_splits(source, val_fraction=0.01):
@@ -116,9 +119,10 @@ def load_hub(name):
     try:
         return datasets.load_dataset(name)
     except Exception as e:  # offline, DNS, unknown repo...: say what to do instead
-        why = f"{type(e).__name__}: {e}".splitlines()[0]
+        why = f"{type(e).__name__}: {e}".splitlines()[0][:120]
         raise ValueError(f"could not reach '{name}' on the Hugging Face hub ({why}): download "
-                         "TinyStories elsewhere and pass --source=PATH to local files") from None
+                         f"TinyStories-train.txt and TinyStories-valid.txt from {HUB_FILES} into a "
+                         f"folder TinyStories/, then: python prepare.py --source=TinyStories/") from None
 
 
 def hub_stories(ds, split):
@@ -187,6 +191,8 @@ _sp = None  # the SentencePiece model of this process, loaded once
 def _load_model(path):
     global _sp
     _sp = spm.SentencePieceProcessor(model_file=path)
+    if multiprocessing.current_process().name != 'MainProcess':
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to report, once
 
 
 def _encode_chunk(stories):
@@ -211,7 +217,6 @@ def write_bin(stories, sp_model_path, out_path, num_proc):
                 totals[:] += (count, len(ids), n_bytes)
                 bar.update(count)
             if num_proc > 1:
-                import multiprocessing
                 pool = multiprocessing.Pool(num_proc, initializer=_load_model, initargs=(sp_model_path,))
                 pending = collections.deque()  # in order, at most 2 chunks a process ahead
                 for chunk in chunks:
@@ -247,7 +252,10 @@ def main():
     # stays usable until the swap at the end; a crash leaves no train.bin or meta.json behind.
     new = lambda name: os.path.join(d, 'new.' + name)
     t = time.time()
-    picked, n_train = sample_stories(train(), vocab_sample)
+    print(f"reading the training stories for the tokenizer's sample of {vocab_sample:,}...", flush=True)
+    stories = tqdm(train(), unit='stories', desc='train', disable=None, leave=False)
+    picked, n_train = sample_stories(stories, vocab_sample)
+    print(f"training a {vocab_size}-id {tokenizer} tokenizer on {len(picked):,} stories...", flush=True)
     model = train_tokenizer(picked, new('tokenizer'), vocab_size, tokenizer)
     del picked
     sp = spm.SentencePieceProcessor(model_file=model)

@@ -29,6 +29,15 @@ def windows(story, T):
     return out
 
 
+def window_tokens(length, T):
+    """How many tokens windows() runs through the model for a story of `length` ids."""
+    n, scored, start = 0, 1, 0
+    while scored < length:
+        n += min(T, length - start - 1)
+        scored, start = start + min(T + 1, length - start), start + T // 2
+    return n
+
+
 @torch.inference_mode()
 def score(model, stories, n_bytes, batch_size=16, desc='eval'):
     """The protocol's figures for `stories` (lists of ids, each BOS + the story's tokens) whose

@@ -5,6 +5,7 @@ $ python sample.py --start "Once upon"
 $ python sample.py --start=FILE:prompt.txt --num_samples=3 --temperature=0.8 --top_p=0.9
 """
 import os
+import random
 import sys
 import time
 
@@ -17,7 +18,7 @@ from inference import QUANTIZE, optimize_for_inference
 from tokenizer import TextStream, prompt_ids, tokenizer
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'
+out_dir = 'out'          # where the checkpoint is
 ckpt_name = 'ckpt.pt'    # the best checkpoint by validation loss; 'last.pt' is the latest
 start = ''               # the story's beginning, or FILE:path to read it from a file
 num_samples = 1
@@ -26,9 +27,9 @@ temperature = 0.8        # 0 = greedy (always the most likely token)
 greedy = False           # the same as temperature=0
 top_k = None             # sample only from the k most likely tokens
 top_p = 0.95             # sample only from the smallest set of tokens reaching this probability
-seed = 1337
-device = 'auto'
-dtype = 'auto'
+seed = -1                # -1 = a fresh one each run, printed: --seed=N repeats its story
+device = 'auto'          # 'auto' (cuda, xpu, mps, then cpu), 'cpu', 'cuda', 'mps', ...
+dtype = 'auto'           # 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', 'bfloat16'
 quantize = 'none'        # 'int8': dynamic int8 quantization of the Linear layers (CPU)
 ipex = False             # intel_extension_for_pytorch.optimize on the model
 threads = 0              # CPU threads; 0 = PyTorch's default
@@ -44,6 +45,10 @@ if engine != 'torch' and (ipex or dtype not in ('auto', 'float32')):
         "ipex and dtype apply to engine='torch' only")
 if greedy:
     temperature = 0.0
+if temperature == 0 and num_samples > 1:  # greedy decoding always writes the same story
+    print(f"note: greedy decoding writes one story, the same every time: printing it once "
+          f"(--temperature above 0 for {num_samples} different ones)", file=sys.stderr)
+    num_samples = 1
 if start.startswith('FILE:'):
     try:
         with open(start[5:], encoding='utf-8') as f:
@@ -53,6 +58,8 @@ if start.startswith('FILE:'):
 
 if threads:
     torch.set_num_threads(threads)
+if seed == -1:
+    seed = random.SystemRandom().randrange(1_000_000)  # printed below, to write the story again
 torch.manual_seed(seed)
 ckpt_path = os.path.join(out_dir, ckpt_name)
 ckpt = load_checkpoint(ckpt_path)
@@ -73,6 +80,10 @@ else:
 prompt = prompt_ids(sp, start)
 if start and len(prompt) == 1:
     die("the start text gives no tokens")
+block = ckpt['model_args']['block_size']
+if max_new_tokens > 10 * block:
+    print(f"note: up to {max_new_tokens:,} tokens, over 10 contexts ({10 * block:,} tokens) of this "
+          f"model: a story stops at its end; Ctrl-C stops it sooner", file=sys.stderr)
 idx = torch.tensor([prompt], dtype=torch.long, device=device)
 for k in range(num_samples):
     if num_samples > 1:
@@ -88,4 +99,6 @@ for k in range(num_samples):
         n += 1
     print(text.fresh(final=True), end='')
     dt = time.time() - t0
-    print(f"\n[{n} tokens, {n / dt:.1f} tok/s]", file=sys.stderr)
+    again = '' if temperature == 0 or k < num_samples - 1 else \
+        f"; --seed={seed} writes {'it' if num_samples == 1 else 'these'} again"
+    print(f"\n[{n} tokens, {n / dt:.1f} tok/s{again}]", file=sys.stderr)

@@ -32,8 +32,8 @@ from model import KVCache, sample, slide
 from tokenizer import TextStream, prompt_ids, tokenizer
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'
-ckpt_name = 'ckpt.pt'
+out_dir = 'out'          # where the checkpoint is; its name is the model's name in the API
+ckpt_name = 'ckpt.pt'    # 'ckpt.pt' (the best) or 'last.pt'
 host = '127.0.0.1'       # loopback only; '0.0.0.0' listens on every network interface
 port = 8000
 api_key = ''             # if set, /v1/ requests need the header 'Authorization: Bearer KEY'

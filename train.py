@@ -21,38 +21,39 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, sha256
 from common import DEVICES, configure, die, first_line, import_ipex, peak_flops, pick_device, pick_dtype
-from data import load_meta, tok_dir, tokenizer_of
+from data import load_meta, story_lengths, tok_dir, tokenizer_of
 from model import GPT, GPTConfig
-from protocol import score, split_stories
+from protocol import score, split_stories, window_tokens
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU quick start's model (config/tinystories_cpu.py); config/*.py and --key=value override
 # I/O
-out_dir = 'out'
+out_dir = 'out'          # checkpoints (ckpt.pt the best, last.pt the latest) and log.csv
 eval_interval = 250      # evaluate, log to CSV and checkpoint every this many iterations
-log_interval = 10
+log_interval = 10        # print the pace every this many iterations
 eval_iters = 40          # batches per evaluation (the same batches every time)
 init_from = 'scratch'    # 'scratch', 'resume' (out_dir/last.pt, with the settings it was run with),
                          # or the path of a checkpoint to fine-tune from
 patience = 0             # stop after this many evaluations without a better val loss; 0 = never
 # data (made by prepare.py)
-data_dir = 'data'
-vocab_size = 4096
+data_dir = 'data'        # where prepare.py wrote data_dir/tok{vocab_size}
+vocab_size = 4096        # the tokenizer's size, as prepared
 tokenizer = 'bpe'
 batch_size = 16          # sequences per micro-step (per process under DDP)
-block_size = 256
+block_size = 256         # context length in tokens
 gradient_accumulation_steps = 1  # a step is batch_size x this many sequences, however many processes
 # model
-n_layer = 6
-n_head = 4
-n_embd = 256
+n_layer = 6              # transformer blocks
+n_head = 4               # attention heads per block
+n_embd = 256             # the width of the residual stream
 dropout = 0.1
 attn_dropout = 0.0       # dropout on the attention weights too (nanoGPT: = dropout); slower
-bias = False
-pos_emb = 'rope'         # 'rope', 'learned' or 'sinusoidal'
+bias = False             # biases in Linears and LayerNorms (GPT-2 has them)
+pos_emb = 'rope'         # 'rope', or 'learned' (GPT-2's absolute positions) to compare
 grad_checkpoint = False  # recompute activations in backward: less memory, more time
 # LoRA fine-tuning (lora.py), from init_from=PATH: only the adapter trains, and only it is saved
 lora_rank = 0            # 0 = off: fine-tuning trains every weight
@@ -61,10 +62,10 @@ lora_targets = 'c_attn,c_proj,c_fc'  # the Linears inside the blocks that get an
 # AdamW and the learning-rate schedule: linear warmup, then cosine decay to min_lr
 learning_rate = 1e-3
 max_iters = 2000
-weight_decay = 0.1
+weight_decay = 0.1       # decoupled weight decay of the matrices, not of norms and biases
 muon = False             # Muon for the matrices inside the blocks, AdamW for the rest
-beta1 = 0.9
-beta2 = 0.99
+beta1 = 0.9              # AdamW's momentum
+beta2 = 0.99             # AdamW's decay of the squared gradients
 grad_clip = 1.0          # clip the gradient norm at this value; 0 = off
 warmup_iters = 100
 lr_decay_iters = 2000    # usually = max_iters
@@ -75,9 +76,9 @@ dtype = 'auto'           # 'float32', 'bfloat16', 'float16'; 'auto' = bfloat16 o
 compile = False          # torch.compile: slow to start (it compiles), then faster steps
 ipex = False             # intel_extension_for_pytorch.optimize (needs a torch that IPEX supports)
 threads = 0              # CPU threads for torch; 0 = PyTorch's default (the physical cores)
-seed = 1337
+seed = 1337              # the weights, dropout and the data order
 # -----------------------------------------------------------------------------
-given = set()  # the settings set on the command line (a config file or a flag)
+given = {}  # the settings set on the command line, and where: a config file's path or '--name'
 config = configure(globals(), dict(
     batch_size='>= 1', block_size='>= 1', learning_rate='> 0', max_iters='>= 0', eval_interval='>= 1',
     eval_iters='>= 1', log_interval='>= 1', gradient_accumulation_steps='>= 1', dropout='[0, 1)',
@@ -87,7 +88,7 @@ config = configure(globals(), dict(
     n_embd=(lambda v: v > 0 and n_head > 0 and v % n_head == 0 and v // n_head % 2 == 0,
             'a multiple of n_head with an even head size (RoPE rotates pairs)'),
     init_from=(lambda v: v in ('scratch', 'resume') or os.path.isfile(v),
-               "'scratch', 'resume' or the path of a checkpoint (no such file)"),
+               "'scratch', 'resume' or the path of an existing checkpoint"),
     dtype=('auto', 'float32', 'bfloat16', 'float16'),
     device=(lambda v: v == 'auto' or v.split(':')[0] in DEVICES, "auto, cpu, cuda, cuda:N, xpu or mps")),
     given=given)
@@ -101,9 +102,9 @@ if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, 'last.pt')
     ckpt = load_checkpoint(ckpt_path if os.path.exists(ckpt_path) else os.path.join(out_dir, 'ckpt.pt'))
     for k, v in ckpt['config'].items():
-        if k in config and k not in given | {'init_from', 'out_dir'}:
+        if k in config and k not in given.keys() | {'init_from', 'out_dir'}:
             config[k] = globals()[k] = v
-    for k in sorted(given - {'init_from', 'out_dir'}):
+    for k in sorted(given.keys() - {'init_from', 'out_dir'}):
         was = ckpt['config'].get(k)
         if k in SHAPE + ('lora_rank', 'lora_targets') and config[k] != was:
             die(f"{k}={config[k]!r} does not fit the checkpoint's model ({k}={was!r}): "
@@ -121,6 +122,17 @@ if base_path:
                 f"fine-tuning keeps the shape of the model it starts from")
         config[k] = globals()[k] = base['model_args'][k]
     block_size = config['block_size'] = min(block_size, base['model_args']['block_size'])
+# A shorter run than its config's schedule (--max_iters=30 of 2,400) scales the schedule with it,
+# unless the command line sets the schedule too.
+if init_from != 'resume' and given.get('max_iters') == '--max_iters' and max_iters < lr_decay_iters \
+        and not {'lr_decay_iters', 'warmup_iters'} & {k for k, w in given.items() if w.startswith('--')}:
+    was = warmup_iters, lr_decay_iters
+    warmup_iters = config['warmup_iters'] = round(warmup_iters * max_iters / lr_decay_iters)
+    lr_decay_iters = config['lr_decay_iters'] = max_iters
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f"schedule: warmup {warmup_iters} and decay {lr_decay_iters} iterations, the config's "
+              f"{was[0]} and {was[1]} scaled to max_iters={max_iters} (--warmup_iters and "
+              f"--lr_decay_iters set them yourself)")
 if lora_rank and (init_from == 'scratch' or muon):
     die("lora_rank > 0 fine-tunes a trained model with AdamW: set --init_from=PATH of its "
         "checkpoint (and --muon=False)")
@@ -157,6 +169,9 @@ autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, 
 log = print if master else (lambda *a, **k: None)
 
 
+written = []  # the files this run wrote; a new run that fails before its first step removes them
+
+
 def end(status=0, error=None):
     """Leave every process with the same exit status; rank 0 says why (one line). All processes
     call it at the same point: none leaves the group while another still works in it (a gloo
@@ -164,14 +179,34 @@ def end(status=0, error=None):
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+    if status and master and resumed_at is None and iter_num == 0:  # nothing trained: nothing kept
+        for path in written:
+            if os.path.exists(path):
+                os.remove(path)
+        if made_out_dir and not os.listdir(out_dir):
+            os.rmdir(out_dir)
     if error and master:
         die(error)
     sys.exit(status)
 
 
+def duration(seconds):
+    return f"{seconds / 3600:.1f} hours" if seconds > 5400 else f"{seconds / 60:.0f} minutes" \
+        if seconds > 90 else f"{seconds:.0f} s"
+
+
+def resume_command():
+    """The exact command that continues this run."""
+    run = f"torchrun --standalone --nproc_per_node={world_size} train.py" if ddp else "python train.py"
+    return f"{run} --init_from=resume" + ('' if out_dir == 'out' else f" --out_dir={out_dir}")
+
+
+resumed_at, iter_num, made_out_dir = None, 0, False
+
+
 # ---------------------------------------------------------------------------- resume or start
 if init_from != 'resume' and os.path.exists(os.path.join(out_dir, 'last.pt')):
-    die(f"{out_dir} already holds a training run: continue it with --init_from=resume, or "
+    die(f"{out_dir} already holds a training run: continue it with `{resume_command()}`, or "
         f"choose another --out_dir (nothing was overwritten)")
 if ckpt is not None:
     if ckpt['iter_num'] >= max_iters:
@@ -182,14 +217,6 @@ if ckpt is not None:
         die(f"block_size={block_size} is larger than the checkpoint's "
             f"{ckpt['model_args']['block_size']}: resume with --block_size="
             f"{ckpt['model_args']['block_size']} or less")
-
-if master:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        die(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another --out_dir")
-    if not os.access(out_dir, os.W_OK):
-        die(f"out_dir '{out_dir}' is not writable: choose another --out_dir")
 
 # ---------------------------------------------------------------------------- data
 data_path = tok_dir(data_dir, vocab_size, tokenizer)
@@ -296,8 +323,10 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 peak = peak_flops(device, 'float32' if device_type == 'cpu' else dtype) if master else 0.0
 tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
-log(f"{raw_model.get_num_params():,} parameters; device {device} {dtype}; {world_size} process(es); "
-    f"{meta['train_tokens']:,} train tokens; {tokens_per_iter:,} tokens/iter")
+log(f"model: {raw_model.get_num_params():,} parameters ({n_layer} layers x {n_embd}, {n_head} heads, "
+    f"context {block_size}); data: {data_path}, {meta['train_tokens']:,} training tokens; a step: "
+    f"{tokens_per_iter:,} tokens, {max_iters:,} steps; {device}, {dtype}, {world_size} "
+    f"process{'es' if world_size > 1 else ''} of {torch.get_num_threads()} threads", flush=True)
 if lora_rank:
     n = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     log(f"LoRA rank {lora_rank} on {len(wrapped)} Linears: {n:,} trainable parameters "
@@ -323,7 +352,8 @@ def estimate_loss():
     for split in ('train', 'val'):
         gen = torch.Generator().manual_seed(seed + 1)
         losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
+        for k in tqdm(range(eval_iters), desc=f'eval {split}', unit='batch', leave=False,
+                      disable=None if master else True):
             ix = torch.randint(n_tokens(split) - block_size - 1, (batch_size,), generator=gen)
             with autocast:
                 _, loss = raw_model(*get_batch(split, ix))
@@ -359,7 +389,16 @@ def checkpoint_state():
 
 
 # ---------------------------------------------------------------------------- training loop
+if master:
+    made_out_dir = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another --out_dir")
+    if not os.access(out_dir, os.W_OK):
+        die(f"out_dir '{out_dir}' is not writable: choose another --out_dir")
 csv_path = os.path.join(out_dir, 'log.csv')
+written.append(csv_path)
 if master:
     rows = []
     if resumed_at is not None and os.path.exists(csv_path):  # drop what the crashed run logged later
@@ -382,21 +421,46 @@ def agree(code):
     return code
 
 
-stop = []  # Ctrl-C or SIGTERM: stop after this step, save, exit; a second Ctrl-C exits at once
-signal.signal(signal.SIGINT, lambda *_: stop.append(True) if not stop else sys.exit(130))
-signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+# The closing scoring's work, for the estimates: the tokens of every window of val and test
+scoring_tokens = sum(window_tokens(n - 1, block_size) for split in ('val', 'test')
+                     for n in story_lengths(data_path, split, meta['bos_id']))
+evals_left = lambda it: len({i for i in range(it + 1, max_iters + 1) if i % eval_interval == 0} | {max_iters})
+eval_s = score_s = 0.0  # seconds an evaluation takes (with its saves), and the closing scoring
+saved_at = resumed_at    # the iteration that out_dir/last.pt holds
+stop, scoring = [], False  # Ctrl-C or SIGTERM: stop after this step, save, exit
+
+
+def on_signal(sig, frame):
+    if scoring:  # the checkpoints are written: nothing to finish
+        log(f"\nstopped during the closing scoring: {out_dir}/ckpt.pt is saved; python eval.py "
+            f"--out_dir={out_dir} scores it")
+        sys.exit(130)
+    if stop and sig == signal.SIGINT:  # the second Ctrl-C: at once
+        log(f"\nquit: {out_dir}/last.pt holds iteration {saved_at}" if saved_at is not None else
+            "\nquit before the first checkpoint: nothing was saved")
+        sys.exit(130)
+    stop.append(True)
+    log(f"\n{'Ctrl-C' if sig == signal.SIGINT else 'SIGTERM'}: finishing this step, then saving "
+        f"{out_dir}/last.pt (Ctrl-C again quits at once)", flush=True)
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
 model.train()
 t_start = t0 = time.time()
 iters_timed = 0
 save_error = None
 early = False
+first_step = iter_num
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
 
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
+        t = time.time()
         losses = estimate_loss()
+        score_s = (time.time() - t) * scoring_tokens / (2 * eval_iters * batch_size * block_size) / world_size
         bpb = losses['val'] / math.log(2) / bytes_per_token
         log(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
             f"val {bpb:.4f} bits/byte")
@@ -410,11 +474,14 @@ while True:
                 csv.writer(f).writerow([iter_num, f"{losses['train']:.5f}", f"{losses['val']:.5f}",
                                         f"{bpb:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
             try:
-                if improved:
-                    save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
-                save_checkpoint(state, os.path.join(out_dir, 'last.pt'))
+                for name in (['ckpt.pt'] if improved else []) + ['last.pt']:
+                    save_checkpoint(state, os.path.join(out_dir, name))
+                    written.append(os.path.join(out_dir, name))
+                saved_at = iter_num
             except OSError as e:
                 save_error = str(e)
+        eval_s = time.time() - t
+        t0 += eval_s  # the pace counts steps only
     if iter_num >= max_iters:
         break
 
@@ -435,8 +502,10 @@ while True:
     status = agree(max(NOT_FINITE * (not finite), SAVE_FAILED * bool(save_error),
                        INTERRUPTED * bool(stop), EARLY_STOP * early))
     if status == NOT_FINITE:  # before the step: the weights in memory stay finite
-        end(1, f"the loss is not finite at iteration {iter_num}: stopped; the last good checkpoint "
-               f"{out_dir}/last.pt is kept (try a lower learning_rate, or dtype=bfloat16/float32)")
+        kept = f"the last good checkpoint {out_dir}/last.pt is kept" if saved_at is not None and (
+            iter_num or resumed_at is not None) else "nothing was trained, so nothing is kept"
+        end(1, f"the loss is not finite at iteration {iter_num}: stopped; {kept} (try a lower "
+               f"learning_rate, or dtype=bfloat16/float32)")
     if status == SAVE_FAILED:
         end(1, save_error or "rank 0 could not write its checkpoint")
     if status == EARLY_STOP:
@@ -458,17 +527,27 @@ while True:
                 save_error = str(e)
         if agree(SAVE_FAILED * bool(save_error)):  # the others wait for rank 0's save
             end(1, save_error)
-        log(f"interrupted: saved {out_dir}/last.pt at iteration {iter_num}; "
-            f"continue with --init_from=resume")
+        log(f"interrupted: saved {out_dir}/last.pt at iteration {iter_num}; continue with "
+            f"`{resume_command()}`")
         end(0)
     iters_timed += 1
-    if iter_num % log_interval == 0 and master:
+    if iter_num - first_step == 1:  # the first step warms up: the pace is timed from here
+        t0, iters_timed = time.time(), 0
+    done_steps = iter_num - first_step
+    if master and (iter_num % log_interval == 0 or done_steps == 4) and iters_timed:
         dt = (time.time() - t0) / iters_timed
         t0, iters_timed = time.time(), 0
         mfu = raw_model.flops_per_token(block_size) * tokens_per_iter / dt / (peak * world_size)
-        eta = dt * (max_iters - iter_num)
-        log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-            f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {int(eta // 60)}m{int(eta % 60):02d}s")
+        eta = dt * (max_iters - iter_num) + evals_left(iter_num) * eval_s + score_s
+        if done_steps == 4 and max_iters - first_step > 8:  # the whole run's estimate, once
+            whole = dt * (max_iters - first_step) + evals_left(first_step) * eval_s + score_s
+            n = evals_left(first_step)
+            log(f"estimate: {max_iters - first_step:,} steps of {dt:.2f} s, {n} "
+                f"evaluation{'s' if n > 1 else ''} of {eval_s:.1f} s and the closing scoring ({score_s:.0f} s): about "
+                f"{duration(whole)} on this machine (--max_iters=N runs shorter: the schedule scales)")
+        if iter_num % log_interval == 0:
+            log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {int(eta // 60)}m{int(eta % 60):02d}s")
 
 # ---------------------------------------------------------------------------- the result
 if agree(SAVE_FAILED * bool(save_error)):  # the last evaluation's checkpoint was not written
@@ -487,6 +566,9 @@ else:
 if ddp:
     for t in best_model.state_dict().values():
         dist.broadcast(t, 0)
+scoring = True
+log(f"scoring the best checkpoint (iteration {best_iter}) by the protocol on val and test "
+    f"(about {score_s:.0f} s)", flush=True)
 scores = {s: score(best_model, *split_stories(data_path, s, tokenizer_proto), batch_size,
                    desc=f'protocol: {s}') for s in ('val', 'test')}
 log(f"done: best iteration {best_iter}, val {scores['val']['bpb']:.4f} bits/byte, "

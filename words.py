@@ -2,10 +2,12 @@
 The Words task (as TinyStories-Instruct prompts a story): write a story that uses given words.
 
 $ python words.py                                  # data/tok4096 -> data/words/tok4096
-$ python train.py config/finetune_words.py --init_from=out/ckpt.pt --lora_rank=8
+$ python train.py config/finetune_words.py --init_from=out/ckpt.pt          # every weight: out-words/
+$ python train.py config/finetune_words.py --init_from=out/ckpt.pt --lora_rank=8 \
+      --learning_rate=2e-3 --min_lr=2e-4 --out_dir=out-words-lora8         # LoRA: out-words-lora8/
 $ python words.py --score=out-words                # held-out prompts: does each story use every word?
-$ python words.py --score=out,out-words,out-lora8  # on the same prompts: gains over the first, and
-                                                   # each later one's as a share of the second's
+$ python words.py --score=out,out-words,out-words-lora8  # the same prompts: gains over the first,
+                                                   # and each later one's as a share of the second's
 
 Each story of the prepared splits becomes the prompt "Words: w1, w2, w3" + "\\nStory:" and then the
 story, the words being three of its content words, picked by a hash of the story (the same
@@ -32,21 +34,21 @@ from tokenizer import prompt_ids, tokenizer
 
 # -----------------------------------------------------------------------------
 data_dir = 'data'        # where prepare.py wrote the stories (data_dir/tok{vocab_size})
-vocab_size = 4096
+vocab_size = 4096        # the tokenizer's size, as prepared
 out_data_dir = 'data/words'  # the task's splits, in the same layout (train.py --data_dir=...)
 train_text = ''          # a file of other stories for the training split (prepare.py's formats):
                          # stories the model has not learned by heart, where its own are few
 n_words = 3
 max_train = 20000        # stories in the task's training split (the full dataset has 2.1M)
 score = ''               # an out_dir (or several, comma-separated): score on the test split's prompts
-ckpt_name = 'ckpt.pt'
+ckpt_name = 'ckpt.pt'    # 'ckpt.pt' (the best) or 'last.pt'
 prompts = 200            # held-out prompts scored
 samples = 1              # stories written per prompt, each with its own draws
 temperature = 0.8        # sampling as sample.py does
 top_p = 0.95
 max_new_tokens = 300
 batch_size = 16          # prompts decoded at once
-seed = 1337
+seed = 1337              # the same draws for every model scored
 threads = 0
 json = False             # also print the result as one JSON object
 # -----------------------------------------------------------------------------
@@ -145,11 +147,12 @@ def word_use(model, sp, tasks):
 
 def interval(used, stat, n=2000):
     """The 90 % interval of stat(used) when the prompts are drawn again (the same draw for every
-    model: a paired comparison). used: (models, prompts) words used."""
+    model: a paired comparison), or None where some redraw leaves it undefined (a ratio whose
+    denominator is then 0). used: (models, prompts) words used."""
     rng = np.random.default_rng(seed)
     with np.errstate(divide='ignore', invalid='ignore'):  # a draw where a gain is 0
         draws = [stat(used[:, rng.integers(0, used.shape[1], used.shape[1])]) for _ in range(n)]
-    return np.percentile(draws, [5, 95])
+    return np.percentile(draws, [5, 95]) if np.isfinite(draws).all() else None
 
 
 if __name__ == '__main__':
@@ -164,7 +167,11 @@ if __name__ == '__main__':
             die(str(e))
         raise SystemExit
     out_dirs = score.split(',')
-    ckpts = [load_checkpoint(os.path.join(d, ckpt_name)) for d in out_dirs]
+    make_it = lambda d: (f"train it: python train.py config/tinystories_cpu.py --out_dir={d}" if d == out_dirs[0]
+                         else f"fine-tune it: python train.py config/finetune_words.py --init_from="
+                              f"{out_dirs[0]}/ckpt.pt --out_dir={d}")  # noqa: E731
+    ckpts = [load_checkpoint(os.path.join(d, ckpt_name), hint=f"{make_it(d)}, or name another run in --score")
+             for d in out_dirs]
     if len({c['tokenizer'] for c in ckpts}) > 1:
         die(f"--score={score}: the checkpoints have different tokenizers; compare models of one tokenizer")
     sp = tokenizer(ckpts[0])
@@ -192,8 +199,13 @@ if __name__ == '__main__':
                      f"(90 % interval {lo:+.1f} to {hi:+.1f})")
         if m > 1 and share[1] != share[0]:
             gain = lambda u: (u[m].mean() - u[0].mean()) / (u[1].mean() - u[0].mean())
-            lo, hi = interval(used, gain)
-            line += f"; {gain(used):.0%} of {out_dirs[1]}'s gain ({lo:.0%} to {hi:.0%})"
+            bounds = interval(used, gain)
+            line += f"; {gain(used):.0%} of {out_dirs[1]}'s gain " + (
+                f"(90 % interval {bounds[0]:.0%} to {bounds[1]:.0%})" if bounds is not None else
+                f"(no interval: in some redraws of the prompts {out_dirs[1]} gains nothing, so the "
+                f"share is undefined; more --prompts or --samples narrow it)")
+        elif m > 1:
+            line += f"; {out_dirs[1]} gained nothing, so no share of its gain"
         print(line)
     print(f"({len(tasks)} held-out prompts x {samples} stories, {n_words} words each)")
     if json:

@@ -59,11 +59,27 @@ def test_a_bare_flag_never_takes_a_config_file(tmp_path):
     f = tmp_path / 'c.py'
     f.write_text("batch_size = 64\n")
     g = settings()
-    given = set()
+    given = {}
     configure(g, argv=['--compile', str(f)], given=given)
-    assert g['compile'] is True and g['batch_size'] == 64 and given == {'compile', 'batch_size'}
+    assert g['compile'] is True and g['batch_size'] == 64 and given == {'compile': '--compile', 'batch_size': str(f)}
     configure(g, argv=['--compile', 'false', str(f)])
     assert g['compile'] is False
+
+
+def test_help_reads_each_setting_s_comment_from_the_script(tmp_path, capsys):
+    script = tmp_path / 'tool.py'
+    script.write_text('"""A tool."""\n# -----\n# I/O\nout_dir = \'out\'   # where it goes\n'
+                      "steps = 10            # how many, and\n                      # more about them\n"
+                      "seed = 1\nlabel = '#not a comment'  # a real one\n# -----\n")
+    g = {'__doc__': 'A tool.', '__file__': str(script), 'out_dir': 'out', 'steps': 10, 'seed': 1,
+         'label': '#not a comment'}
+    with pytest.raises(SystemExit):
+        configure(g, {'steps': '>= 1'}, argv=['--help'])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == 'A tool.' and '  # I/O' in lines
+    line = lambda k: next(x for x in lines if x.lstrip().startswith(f'--{k}='))
+    assert line('out_dir').endswith('where it goes') and line('steps').endswith('how many, and more about them  (>= 1)')
+    assert line('seed') == '  --seed=1' and line('label').endswith(' a real one')
 
 
 def test_config_file_then_flags_in_order(tmp_path):

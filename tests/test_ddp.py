@@ -36,7 +36,7 @@ def test_two_processes_equal_one(data_dir, tmp_path, accum):
     p = torchrun(f'--out_dir={two}', *args)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]
-    assert '2 process(es)' in stdout and stdout.count('eval 12') == 1  # only rank 0 logs
+    assert '2 processes' in stdout and stdout.count('eval 12') == 1  # only rank 0 logs
     assert stdout.count('done:') == 1
     a = torch.load(one / 'last.pt', weights_only=True)
     b = torch.load(two / 'last.pt', weights_only=True)

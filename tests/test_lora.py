@@ -198,6 +198,9 @@ def test_word_use_compares_models_on_the_same_prompts_and_draws(trained, data_di
     used = np.random.default_rng(0).random((2, 50))
     used[1] = used[0] + 0.1  # the same gain on every prompt: no spread when paired
     assert words.interval(used, lambda u: u[1].mean() - u[0].mean()) == pytest.approx([0.1, 0.1])
+    flat = np.zeros((3, 4))
+    flat[1, 0] = flat[2, 0] = 1  # model 1 gains on one prompt of four: some redraws leave it out
+    assert words.interval(flat, lambda u: (u[2].mean() - u[0].mean()) / (u[1].mean() - u[0].mean())) is None
     p = run('words.py', f'--score={d},{d}', f'--data_dir={data_dir}', '--prompts=6', '--samples=2',
             '--max_new_tokens=30', '--json=True')
     result = json.loads(p.stdout.splitlines()[-1])

@@ -254,7 +254,8 @@ def test_hub_unreachable(tmp_path):
     assert r.returncode == 1 and 'Traceback' not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('prepare.py: error:'), r.stderr
-    assert "'roneneldan/TinyStories'" in lines[0] and '--source=PATH' in lines[0]
+    assert "'roneneldan/TinyStories'" in lines[0] and 'https://huggingface.co/datasets/roneneldan/TinyStories' in lines[0]
+    assert 'TinyStories-train.txt' in lines[0] and lines[0].endswith('python prepare.py --source=TinyStories/')
 
 
 # ---------------------------------------------------------------------------- 5: interruptions

@@ -3,10 +3,12 @@ SIGKILL at random moments), Ctrl-C saves, and every bad input is one clear line.
 import csv
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -139,24 +141,83 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data_dir, tm
     assert same_weights(weights(ref / 'ckpt.pt'), weights(out / 'ckpt.pt'))
 
 
-def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
+def until(condition, seconds=60):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_ctrl_c_answers_at_once_saves_and_names_the_resume_command(data_dir, tmp_path):
+    """The first Ctrl-C is answered with a line at once, the step finishes, last.pt is saved and
+    the exact command to continue is printed; it continues the run."""
     out = tmp_path / 'run'
-    proc = subprocess.Popen([sys.executable, 'train.py', f'--data_dir={data_dir}', f'--out_dir={out}',
-                             *TINY, '--max_iters=100000', '--eval_interval=100000'],
+    proc = subprocess.Popen([sys.executable, '-u', 'train.py', f'--data_dir={data_dir}', f'--out_dir={out}',
+                             *TINY, '--max_iters=100000', '--eval_interval=100000', '--n_layer=4', '--n_embd=128'],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for _ in range(600):  # wait until it is training
-        time.sleep(0.1)
-        if (out / 'last.pt').exists():
-            break
-    time.sleep(1.0)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    assert until(lambda: any(line.startswith('iter ') for line in lines))  # training
+    proc.send_signal(signal.SIGINT)
+    t = time.time()
+    assert until(lambda: any('Ctrl-C: finishing this step' in line for line in lines), 5), lines
+    answered = time.time() - t
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    stdout = ''.join(lines)
+    assert proc.returncode == 0 and answered < 5, (answered, proc.stderr.read())
+    it = torch.load(out / 'last.pt', weights_only=True)['iter_num']
+    assert it > 0 and f'interrupted: saved {out}/last.pt at iteration {it}' in stdout
+    command = f'python train.py --init_from=resume --out_dir={out}'
+    assert f'continue with `{command}`' in stdout
+    p = run('train.py', *command.split()[2:], f'--max_iters={it + 2}')
+    assert f'resuming from iteration {it}' in p.stdout
+
+
+def test_a_second_ctrl_c_quits_at_once_with_one_line(data_dir, tmp_path):
+    """The second Ctrl-C comes while the first one's save is under way (tests/fault.py makes
+    every save 2 s longer): the run quits at once, and the last whole checkpoint stays."""
+    out, log = tmp_path / 'run', tmp_path / 'log'
+    log.mkdir()
+    proc = subprocess.Popen([sys.executable, 'tests/fault.py', f'--data_dir={data_dir}', f'--out_dir={out}',
+                             *TINY, '--max_iters=100000', '--eval_interval=100000'], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'FAULT': 'slow', 'FAULT_AFTER': '2', 'FAULT_LOG': str(log)})
+    assert until(lambda: (log / 'busy').exists() and len((log / 'busy').read_text().split()) == 2)  # eval 0's saves
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)  # within the save of last.pt that the first one asked for
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
-    assert 'interrupted: saved' in stdout
-    it = torch.load(out / 'last.pt', weights_only=True)['iter_num']
-    assert it > 0
-    p = train(data_dir, out, f'--max_iters={it + 2}', '--eval_interval=100000', '--init_from=resume')
-    assert f'resuming from iteration {it}' in p.stdout
+    assert proc.returncode == 130 and 'Traceback' not in stderr, stderr
+    assert stdout.strip().splitlines()[-1] == f'quit: {out}/last.pt holds iteration 0', stdout
+    assert torch.load(out / 'last.pt', weights_only=True)['iter_num'] == 0
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'last.pt', 'log.csv']  # no half-written file
+
+
+def test_a_short_run_scales_its_schedule_and_estimates_its_time(data_dir, tmp_path):
+    """--max_iters below the config's schedule scales warmup and decay with it (one line); the
+    estimate comes before the first iteration line and counts the run's evaluations."""
+    cfg = tmp_path / 'long.py'
+    cfg.write_text("max_iters = 2400\nlr_decay_iters = 2400\nwarmup_iters = 100\nlearning_rate = 2e-3\n"
+                   "min_lr = 2e-4\neval_interval = 10\n")
+    args = [a for a in TINY if not a.startswith(('--warmup_iters', '--learning_rate', '--min_lr'))]
+    out = tmp_path / 'short'
+    p = run('train.py', cfg, f'--data_dir={data_dir}', f'--out_dir={out}', *args, '--max_iters=30')
+    assert 'schedule: warmup 1 and decay 30 iterations, the config\'s 100 and 2400 scaled to max_iters=30' in p.stdout
+    lr = [float(r['lr']) for r in csv.DictReader(open(out / 'log.csv'))]
+    assert lr[-1] == pytest.approx(2e-4, rel=0.01)  # the decay ended with the run
+    lines = p.stdout.splitlines()
+    estimate = next(i for i, line in enumerate(lines) if line.startswith('estimate: '))
+    assert estimate < next(i for i, line in enumerate(lines) if line.startswith('iter '))
+    evals = sum(line.startswith('eval ') for line in lines[estimate:])
+    assert f'30 steps of' in lines[estimate] and f' {evals} evaluations of ' in lines[estimate], lines[estimate]
+    assert lines.index(next(line for line in lines if line.startswith('scoring the best'))) < len(lines) - 1
+    kept = run('train.py', cfg, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "kept"}', *args,
+               '--max_iters=30', '--lr_decay_iters=2400')  # the schedule set on the command line: kept
+    assert 'schedule:' not in kept.stdout
+    lr = float(list(csv.DictReader(open(tmp_path / 'kept' / 'log.csv')))[-1]['lr'])
+    assert lr == pytest.approx(2e-3 * 31 / 101, rel=1e-3)  # still in the config's 100-step warmup
 
 
 def test_a_run_says_when_its_regularisation_does_not_fit_its_data(data_dir, tmp_path):
@@ -202,10 +263,28 @@ def test_train_bad_input(data_dir, tmp_path, args, words):
     one_error_line(train(data_dir, tmp_path / 'o', *args, ok=False), *words)
 
 
-def test_compile_without_a_cxx_compiler_is_one_line(data_dir, tmp_path):
+def test_compile_without_a_cxx_compiler_is_one_line_and_leaves_no_out_dir(data_dir, tmp_path):
+    """A run that fails before its first step leaves nothing behind, so the next run starts."""
     p = train(data_dir, tmp_path / 'o', '--compile=True', '--max_iters=2', ok=False,
               env={**os.environ, 'CXX': '/nonexistent/g++'})
     one_error_line(p, 'torch.compile failed', '--compile=False')
+    assert not (tmp_path / 'o').exists()
+    train(data_dir, tmp_path / 'o', '--max_iters=2')  # the same command without compile
+
+
+def test_help_says_what_each_setting_means_and_a_closed_pipe_is_quiet():
+    p = run('train.py', '--help')
+    line = next(line for line in p.stdout.splitlines() if line.lstrip().startswith('--patience='))
+    assert 'stop after this many evaluations without a better val loss' in line and '(>= 0)' in line
+    for script in ('train.py', 'sample.py', 'prepare.py'):
+        p = subprocess.run(f'{sys.executable} {script} --help | head -1', shell=True, cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert p.stderr == '' and p.stdout.count('\n') == 1, p.stderr
+
+
+def test_a_mistyped_config_file_suggests_the_closest_one(data_dir):
+    one_error_line(run('train.py', 'config/tinystories_cpu_smal.py', ok=False),
+                   "config file 'config/tinystories_cpu_smal.py' not found", 'did you mean config/tinystories_cpu_small.py')
 
 
 def test_train_bad_out_dir_and_existing_run(data_dir, tmp_path):
@@ -291,3 +370,26 @@ def test_sample_start_text_is_taken_as_given(four_steps):
     for text in ('none', '1e3', 'True'):
         p = run('sample.py', f'--out_dir={four_steps}', '--start', text, '--max_new_tokens=3')
         assert p.stdout.startswith(text), p.stdout
+
+
+def test_sample_draws_a_fresh_story_each_run_and_prints_the_seed_that_repeats_it(trained):
+    out = trained[0]
+    args = ['sample.py', f'--out_dir={out}', '--start=Once upon a time', '--max_new_tokens=40', '--temperature=1.0']
+    a, b = run(*args), run(*args)
+    seeds = [int(re.search(r'--seed=(\d+) writes it again', p.stderr)[1]) for p in (a, b)]
+    assert seeds[0] != seeds[1] and a.stdout != b.stdout
+    again = run(*args, f'--seed={seeds[0]}')
+    assert again.stdout == a.stdout
+    greedy = run('sample.py', f'--out_dir={out}', '--greedy', '--num_samples=3', '--max_new_tokens=20')
+    assert 'greedy decoding writes one story' in greedy.stderr and '--- sample' not in greedy.stdout
+
+
+def test_ctrl_c_in_sample_py_is_one_line(trained):
+    proc = subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={trained[0]}', '--max_new_tokens=1000000',
+                             '--start=Once'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.read(10)  # it is writing
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and 'Traceback' not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == 'sample.py: stopped (Ctrl-C)'
+    assert 'over 10 contexts' in stderr  # the note on the huge max_new_tokens
