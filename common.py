@@ -32,6 +32,11 @@ def die(msg):
     sys.exit(1)
 
 
+def need(group, what):
+    """Stop with one line: `what` needs the optional packages of `group` (pyproject.toml)."""
+    die(f'{what}: pip install -e ".[{group}]"')
+
+
 def first_line(e, n=160):
     """An exception's message, short enough for a one-line error."""
     return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:n]

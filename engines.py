@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 import torch
 
-from common import die
+from common import die, need
 from formats import ONNX_GRAPHS, export_gguf, model_args, onnx_name, quantize_weights
 from model import decode
 
@@ -56,8 +56,7 @@ class LlamaCpp(Engine):
         try:
             import llama_cpp
         except ImportError:
-            die("engine='llamacpp' needs llama-cpp-python (it builds llama.cpp, some minutes): "
-                "pip install llama-cpp-python gguf")
+            need('engines', "engine='llamacpp' needs llama-cpp-python (its install builds llama.cpp: minutes)")
         self.llama_cpp, self.block_size = llama_cpp, ckpt['model_args']['block_size']
         quant = 'q8_0' if quantize == 'int8' else 'f32'
         path = exported(ckpt, lambda c, p: export_gguf(c, p, quant), f'model-{quant}.gguf')
@@ -92,7 +91,7 @@ class OnnxGraph(Engine):
             import onnx  # noqa: F401  (both graphs are written with it)
             runtime = importlib.import_module(engine)
         except ImportError as e:
-            die(f"engine='{engine}' needs {e.name}: pip install {engine} onnx onnxscript")
+            need('engines', f"engine='{engine}' needs {e.name}")
         # OpenVINO cannot read ONNX Runtime's own operators; it takes the standard graph
         graph, quant = 'ort' if engine == 'onnxruntime' else 'standard', 'int8' if quantize == 'int8' else 'f32'
         self.path = exported(ckpt, ONNX_GRAPHS[graph], onnx_name(graph))

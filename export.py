@@ -8,17 +8,16 @@ $ python export.py --format=onnx               # out/ckpt.pt -> out/model.onnx, 
 $ python export.py --format=onnx --onnx_graph=ort --quant=int8   # what --engine=onnxruntime runs
 $ python export.py --format=peft               # a LoRA run's adapter -> out/peft/, for peft on the base's hf
 
-The hf folder loads anywhere with transformers (pip install transformers), no code of ours:
+Every format needs the export group of packages (pip install -e ".[export]"). The hf folder
+loads anywhere with transformers, no code of ours:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained('out/hf')
     tokenizer = AutoTokenizer.from_pretrained('out/hf')
-The gguf file is llama.cpp's starcoder2 architecture with the SentencePiece tokenizer inside
-(pip install gguf to write it):
+The gguf file is llama.cpp's starcoder2 architecture with the SentencePiece tokenizer inside:
     llama-cli -m out/model-f32.gguf -p "Once upon a time"
-The standard onnx file is one graph with the key/value cache as an input and an output (pip
-install onnx onnxscript to write it): input_ids (B, T) and past (n_layer, 2, B, n_head, P,
-head_dim) in, logits (B, T, vocab) and present (the same with P + T) out, every size dynamic;
-start with P = 0. The 'ort' graph takes and returns a key and a value per layer
+The standard onnx file is one graph with the key/value cache as an input and an output:
+input_ids (B, T) and past (n_layer, 2, B, n_head, P, head_dim) in, logits (B, T, vocab) and
+present (the same with P + T) out, every size dynamic; start with P = 0. The 'ort' graph takes and returns a key and a value per layer
 (past_key_values.{i}.key, present.{i}.key, ...: (B, n_head, P, head_dim)). The SentencePiece
 tokenizer.model goes beside either.
 """

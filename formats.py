@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import model_from_checkpoint
-from common import die
+from common import die, need
 from model import apply_rope
 from tokenizer import tokenizer
 
@@ -81,8 +81,7 @@ def export_hf(ckpt, path):
         from transformers import PreTrainedTokenizerFast, Starcoder2Config
         from transformers.convert_slow_tokenizer import SpmConverter
     except ImportError:
-        die("--format=hf needs transformers, safetensors and protobuf: "
-            "pip install transformers safetensors protobuf")
+        need('export', "--format=hf needs transformers, safetensors and protobuf")
     args = model_args(ckpt, 'hf')
     sp = tokenizer(ckpt)
     cfg = Starcoder2Config(
@@ -122,7 +121,7 @@ def export_peft(ckpt, path):
     try:
         from safetensors.torch import save_file
     except ImportError:
-        die("--format=peft needs safetensors: pip install safetensors")
+        need('finetune', "--format=peft needs safetensors")
     import json
     from data import atomic_write
     args, lora = model_args(ckpt, 'peft'), ckpt['lora_args']
@@ -165,7 +164,7 @@ def export_gguf(ckpt, path, quant='f32'):
     try:
         import gguf
     except ImportError:
-        die("--format=gguf needs the gguf package: pip install gguf")
+        need('export', "--format=gguf needs the gguf package")
     args = model_args(ckpt, 'gguf')
     sp = tokenizer(ckpt)
     C, V = args['n_embd'], args['vocab_size']
@@ -259,7 +258,7 @@ def export_onnx(ckpt, path):
         import onnx  # noqa: F401  (torch.onnx needs both)
         import onnxscript  # noqa: F401
     except ImportError:
-        die("--format=onnx needs onnx and onnxscript: pip install onnx onnxscript")
+        need('export', "--format=onnx needs onnx and onnxscript")
     args = model_args(ckpt, 'onnx')
     model = WithPast(model_from_checkpoint(ckpt).eval())
     L, nh, hd = args['n_layer'], args['n_head'], args['n_embd'] // args['n_head']
@@ -290,7 +289,7 @@ def export_ort(ckpt, path):
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
-        die("the ONNX Runtime graph needs onnx: pip install onnx")
+        need('export', "ONNX Runtime's graph needs onnx")
     args = model_args(ckpt, 'onnx')
     model = model_from_checkpoint(ckpt)
     C, nh, V = args['n_embd'], args['n_head'], args['vocab_size']
@@ -363,7 +362,7 @@ def quantize_weights(src, dst):
     try:
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
     except ImportError:
-        die("--quantize=int8 on the ONNX graph needs onnxruntime's quantizer: pip install onnxruntime")
+        need('export', "int8 on the ONNX graph needs onnxruntime's quantizer")
     graph = onnx.load(src)
     weights = {w.name: w for w in graph.graph.initializer}
     for node in list(graph.graph.node):

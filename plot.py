@@ -3,12 +3,12 @@ Draw a training run's loss curves from the log.csv train.py writes, to a PNG bes
 
 $ python plot.py                  # out/log.csv -> out/log.png
 $ python plot.py --out_dir=out-20m
-Needs matplotlib (pip install matplotlib), which nothing else here does.
+Needs matplotlib (pip install -e ".[plot]"), which nothing else here does.
 """
 import csv
 import os
 
-from common import configure, die
+from common import configure, die, need
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'          # where the run wrote log.csv
@@ -20,7 +20,7 @@ try:
     matplotlib.use('Agg')  # no screen needed
     import matplotlib.pyplot as plt
 except ImportError:
-    die("plot.py needs matplotlib: pip install matplotlib")
+    need('plot', "plot.py needs matplotlib")
 path = os.path.join(out_dir, 'log.csv')
 try:
     with open(path) as f:

@@ -11,7 +11,6 @@ $ python train.py --init_from=resume --max_iters=3000
 Fine-tune a trained model (all of it, or a LoRA adapter with lora_rank > 0):
 $ python train.py config/finetune_words.py --init_from=out/ckpt.pt --lora_rank=8
 """
-import csv
 import math
 import os
 import signal
@@ -28,6 +27,7 @@ from common import DEVICES, configure, die, first_line, import_ipex, peak_flops,
 from data import load_meta, story_lengths, tok_dir, tokenizer_of
 from model import GPT, GPTConfig
 from protocol import score, split_stories, window_tokens
+from runlog import RunLog
 
 # -----------------------------------------------------------------------------
 # defaults: the CPU quick start's model (config/tinystories_cpu.py); config/*.py and --key=value override
@@ -76,6 +76,11 @@ dtype = 'auto'           # 'float32', 'bfloat16', 'float16'; 'auto' = bfloat16 o
 compile = False          # torch.compile: slow to start (it compiles), then faster steps
 ipex = False             # intel_extension_for_pytorch.optimize (needs a torch that IPEX supports)
 threads = 0              # CPU threads for torch; 0 = PyTorch's default (the physical cores)
+# run logs beside out_dir/log.csv (the logs group of packages: pip install -e ".[logs]")
+tensorboard = False      # TensorBoard event files in out_dir/tensorboard: tensorboard --logdir=out
+wandb_log = False        # Weights & Biases (WANDB_MODE=offline keeps it on disk)
+wandb_project = 'tinygpt'
+wandb_run_name = ''      # '' = the out_dir's name
 seed = 1337              # the weights, dropout and the data order
 # -----------------------------------------------------------------------------
 given = {}  # the settings set on the command line, and where: a config file's path or '--name'
@@ -179,6 +184,8 @@ def end(status=0, error=None):
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+    if runlog is not None:
+        runlog.close()
     if status and master and resumed_at is None and iter_num == 0:  # nothing trained: nothing kept
         for path in written:
             if os.path.exists(path):
@@ -201,7 +208,7 @@ def resume_command():
     return f"{run} --init_from=resume" + ('' if out_dir == 'out' else f" --out_dir={out_dir}")
 
 
-resumed_at, iter_num, made_out_dir = None, 0, False
+resumed_at, iter_num, made_out_dir, runlog = None, 0, False, None
 
 
 # ---------------------------------------------------------------------------- resume or start
@@ -311,6 +318,7 @@ if ckpt is not None:
             f"setting it was trained with ({ckpt['config'].get('muon', False)})")
     log(f"resuming from iteration {iter_num} (best val loss {best_val_loss:.4f})")
 resumed_at = iter_num if ckpt is not None else None
+wandb_id = ckpt.get('wandb_id') if ckpt is not None else None
 ckpt = base = start = None  # free the memory
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 raw_model = model  # checkpoints are saved from this one: no '_orig_mod.' or 'module.' prefixes
@@ -378,7 +386,7 @@ def checkpoint_state():
     state = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
              'model_args': model_args, 'config': config, 'iter_num': iter_num,
              'best_val_loss': best_val_loss, 'bad_evals': bad_evals, 'rng': torch.get_rng_state(),
-             'data_rng': data_gen.get_state(), 'tokenizer': tokenizer_proto,
+             'data_rng': data_gen.get_state(), 'tokenizer': tokenizer_proto, 'wandb_id': runlog.wandb_id,
              'meta': {k: v for k, v in meta.items() if isinstance(v, (int, float, str))}}
     if lora_rank:  # the adapter instead of the model, and where its base is
         from lora import lora_state
@@ -397,16 +405,9 @@ if master:
         die(f"cannot create out_dir '{out_dir}' ({e.strerror}): choose another --out_dir")
     if not os.access(out_dir, os.W_OK):
         die(f"out_dir '{out_dir}' is not writable: choose another --out_dir")
-csv_path = os.path.join(out_dir, 'log.csv')
-written.append(csv_path)
-if master:
-    rows = []
-    if resumed_at is not None and os.path.exists(csv_path):  # drop what the crashed run logged later
-        with open(csv_path) as f:
-            rows = [r for r in csv.reader(f)][1:]
-        rows = [r for r in rows if int(r[0]) <= resumed_at]
-    with open(csv_path, 'w', newline='') as f:
-        csv.writer(f).writerows([['iter', 'train_loss', 'val_loss', 'val_bpb', 'lr', 'time_s']] + rows)
+written.append(os.path.join(out_dir, 'log.csv'))
+runlog = RunLog(out_dir, resumed_at, tensorboard, wandb_log, wandb_project, wandb_run_name, wandb_id,
+                config) if master else None
 
 # Every reason to stop is agreed by all processes, once per step (the largest code wins), so
 # under DDP they stop at the same iteration and none is left waiting in an all-reduce.
@@ -470,9 +471,7 @@ while True:
         early = bool(patience) and bad_evals >= patience
         if master:
             state = checkpoint_state()
-            with open(csv_path, 'a', newline='') as f:
-                csv.writer(f).writerow([iter_num, f"{losses['train']:.5f}", f"{losses['val']:.5f}",
-                                        f"{bpb:.5f}", f"{lr:.3e}", f"{time.time() - t_start:.1f}"])
+            runlog.eval(iter_num, {'train_loss': losses['train'], 'val_loss': losses['val'], 'val_bpb': bpb, 'lr': lr})
             try:
                 for name in (['ckpt.pt'] if improved else []) + ['last.pt']:
                     save_checkpoint(state, os.path.join(out_dir, name))
@@ -546,6 +545,7 @@ while True:
                 f"evaluation{'s' if n > 1 else ''} of {eval_s:.1f} s and the closing scoring ({score_s:.0f} s): about "
                 f"{duration(whole)} on this machine (--max_iters=N runs shorter: the schedule scales)")
         if iter_num % log_interval == 0:
+            runlog.pace(iter_num, {'loss': loss.item(), 'lr': lr, 'tokens_per_s': tokens_per_iter / dt, 'mfu': mfu})
             log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                 f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {int(eta // 60)}m{int(eta % 60):02d}s")
 

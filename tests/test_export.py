@@ -163,12 +163,13 @@ def test_the_readme_python_snippets_run_as_written(exported, tmp_path):
 
 
 @pytest.mark.parametrize('module, args, pip', [
-    ('gguf', ['export.py', '--format=gguf'], 'pip install gguf'),
-    ('transformers', ['export.py', '--format=hf'], 'pip install transformers'),
-    ('llama_cpp', ['sample.py', '--engine=llamacpp'], 'pip install llama-cpp-python'),
+    ('gguf', ['export.py', '--format=gguf', '--out={tmp}/x'], 'pip install -e ".[export]"'),
+    ('transformers', ['export.py', '--format=hf', '--out={tmp}/x'], 'pip install -e ".[export]"'),
+    ('llama_cpp', ['sample.py', '--engine=llamacpp', '--max_new_tokens=1'], 'pip install -e ".[engines]"'),
+    ('matplotlib', ['plot.py'], 'pip install -e ".[plot]"'),
 ])
-def test_a_missing_optional_package_is_one_line_with_its_pip_command(exported, tmp_path, module, args, pip):
+def test_a_missing_optional_package_is_one_line_with_its_group(exported, tmp_path, module, args, pip):
     (tmp_path / f'{module}.py').write_text("raise ImportError('not installed')\n")  # shadows it
-    p = run(*args, f'--out_dir={exported}', f'--out={tmp_path / "x"}' if 'export' in args[0] else '--max_new_tokens=1',
-            ok=False, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    p = run(*[a.format(tmp=tmp_path) for a in args], f'--out_dir={exported}', ok=False,
+            env=dict(os.environ, PYTHONPATH=str(tmp_path)))
     one_error_line(p, pip)
