@@ -54,7 +54,7 @@ def completion(host, port, seed):
         if not line.startswith(b'data: {'):
             continue
         chunk = loads(line[6:])
-        if 'usage' in chunk:
+        if chunk.get('usage'):  # the last chunk's; the others have usage null
             tokens = chunk['usage']['completion_tokens']
         elif chunk['choices'][0]['text']:
             last = time.perf_counter()

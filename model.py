@@ -79,7 +79,6 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config, layer=0):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
@@ -106,7 +105,6 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -134,7 +132,6 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         assert config.pos_emb in ('rope', 'learned'), f"unknown pos_emb {config.pos_emb!r}"
@@ -281,7 +278,9 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     in both. generator: a torch.Generator for the random draws (default: the global one)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = F.softmax(logits.float() / temperature, dim=-1)
+    # less the largest logit first: however small the temperature, the largest is then 0 / t = 0
+    logits = (logits.float() - logits.float().max(dim=-1, keepdim=True).values) / temperature
+    probs = F.softmax(logits.nan_to_num(nan=0.0), dim=-1)  # 0 / 0 (t = 1e-300): the largest
     if top_k is not None and top_k < probs.size(-1):
         kth = torch.topk(probs, top_k).values[:, [-1]]
         probs = probs.masked_fill(probs < kth, 0.0)  # weight 0: never drawn
@@ -290,11 +289,11 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         return token
     assert top_p > 0, "top_p must be in (0, 1]"
     # The nucleus without sorting the vocabulary: a token is in it when the tokens more likely
-    # than it hold less than top_p. Redraw the rows whose token is not (rejection sampling): the
-    # kept draws follow the renormalised nucleus exactly, in at most 1 / top_p draws on average.
+    # than it hold less than top_p (the most likely always is). Redraw the rows whose token is not
+    # (rejection sampling): the kept draws follow the renormalised nucleus exactly.
     while True:
-        p = probs.gather(-1, token)
-        inside = torch.where(probs > p, probs, 0.0).sum(dim=-1, keepdim=True) < top_p
+        above = torch.where(probs > probs.gather(-1, token), probs, 0.0).sum(dim=-1, keepdim=True)
+        inside = (above < top_p) | (above == 0)
         if inside.all():
             return token
         token = torch.where(inside, token, draw(probs, generator))

@@ -1,35 +1,44 @@
 """
 Serve a trained model over HTTP: OpenAI's completions API (streamed or not) and a page at / to
-write stories in the browser. Requests decode together: one that arrives joins the running
-batch at the next step and leaves it when done (continuous batching on the key/value cache).
+write stories in the browser, on FastAPI (its /docs and /openapi.json too) and uvicorn. Requests
+decode together: one that arrives joins the running batch at the next step and leaves it when
+done (continuous batching on the key/value cache).
 
 $ python serve.py                                  # out/ckpt.pt on http://127.0.0.1:8000
 $ curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "Once upon a time", "max_tokens": 100}'
+In Python: app = build({'out_dir': 'out'}) is the app, for uvicorn or FastAPI's TestClient.
 """
+import asyncio
 import hmac
 import json
 import os
-import queue
-import re
-import select
 import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional, Union
 
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from common import configure, die, first_line, pick_device
+from common import configure, die, first_line, need, pick_device
 from engines import ENGINES
 from inference import QUANTIZE, optimize_for_inference
 from model import KVCache, sample, slide
 from tokenizer import TextStream, prompt_ids, tokenizer
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.exceptions import HTTPException
+except ImportError:
+    need('serve', "serve.py needs FastAPI, pydantic and uvicorn")
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'          # where the checkpoint is; its name is the model's name in the API
@@ -40,20 +49,20 @@ api_key = ''             # if set, /v1/ requests need the header 'Authorization:
 max_batch = 16           # sequences decoded together; more wait in the queue
 max_queue = 64           # sequences waiting for the batch; beyond that a request gets 429
 max_tokens_limit = 2048  # the largest max_tokens a request may ask for
+max_connections = 256    # open connections; more are answered 503 at once
 device = 'auto'          # 'cpu' or 'cuda' (fp32)
 quantize = 'none'        # 'int8': dynamic int8 Linear layers (CPU)
-threads = 0              # CPU threads for the model; 0 = PyTorch's default
+threads = 0              # CPU threads for the model; 0 = all cores but one, which the HTTP side and clients need
 engine = 'torch'         # or 'onnxruntime', 'openvino', 'llamacpp': one sequence at a time
 # -----------------------------------------------------------------------------
-
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, str))}
+CHECKS = dict(engine=ENGINES, quantize=QUANTIZE, max_batch='[1, 256]', max_queue='>= 1',
+              max_tokens_limit='>= 1', max_connections='>= 1', port='[0, 65535]', threads='>= 0')
 MAX_BODY = 1 << 20       # bytes of a request body
-MAX_CONNECTIONS = 256    # open connections; more are answered 503 at once
-TIMEOUT = 60             # seconds a connection may sit idle, or a client not read its stream
 # OpenAI's request fields this server does not implement, with the values that mean "not used"
 UNUSED = {'logprobs': (None, 0), 'suffix': (None, ''), 'presence_penalty': (None, 0),
           'frequency_penalty': (None, 0), 'logit_bias': (None, {}), 'best_of': (None, 1)}
-TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', bool: 'true or false',
-              list: 'an array', dict: 'an object'}
 
 
 class BadRequest(Exception):
@@ -63,22 +72,61 @@ class BadRequest(Exception):
         super().__init__(message)
         self.param, self.status, self.kind, self.code = param, status, kind, code
 
+    def response(self):
+        headers = {'Retry-After': '1'} if self.status == 429 else {}
+        return JSONResponse(error_body(self), self.status, headers)
+
+
+def error_body(e):
+    return {'error': {'message': str(e), 'type': e.kind, 'param': e.param, 'code': e.code}}
+
+
+def request_model(token_limit, n_limit):
+    """OpenAI's completion request as a pydantic model, its types strict (a JSON number for
+    a number, true/false for a boolean) and its ranges this server's; fields it does not know
+    are ignored, as OpenAI's clients may send newer ones."""
+
+    class CompletionRequest(BaseModel):
+        model_config = ConfigDict(extra='ignore', strict=True)
+        prompt: Union[str, list[str]] = Field('', description="a story's beginning, or several")
+        model: str = ''
+        max_tokens: int = Field(16, ge=0, le=token_limit)
+        temperature: float = Field(1.0, ge=0, le=2)
+        top_p: float = Field(1.0, gt=0, le=1)
+        top_k: Optional[int] = Field(None, ge=1)
+        n: int = Field(1, ge=1, le=n_limit)
+        seed: Optional[int] = Field(None, ge=0, lt=2**62)
+        stream: bool = False
+        stream_options: Optional[dict] = None
+        echo: bool = False
+        stop: Union[None, str, list[str]] = Field(None, description='up to 4 non-empty strings')
+        ignore_eos: bool = Field(False, description="vLLM's: always max_tokens")
+        # not implemented: only their neutral values are accepted
+        logprobs: Optional[int] = None
+        suffix: Optional[str] = None
+        presence_penalty: Optional[float] = None
+        frequency_penalty: Optional[float] = None
+        logit_bias: Optional[dict] = None
+        best_of: Optional[int] = None
+
+    return CompletionRequest
+
 
 class Sequence:
     """One choice of one request: its tokens so far, its sampling settings and where its
-    tokens go (the request's queue, as (index, token id) and finally (index, None, reason))."""
+    tokens go (out(item): (index, token id), and finally (index, None, reason))."""
 
-    def __init__(self, index, prompt, params, out):
+    def __init__(self, index, prompt, r, out):
         self.index, self.context, self.out = index, list(prompt), out
-        self.temperature, self.top_k, self.top_p = params['temperature'], params['top_k'], params['top_p']
-        self.left, self.ignore_eos = params['max_tokens'], params['ignore_eos']
+        self.temperature, self.top_k, self.top_p = r.temperature, r.top_k, r.top_p
+        self.left, self.ignore_eos = r.max_tokens, r.ignore_eos
         self.generator = torch.Generator()
-        if params['seed'] is None:
+        if r.seed is None:
             self.generator.seed()
         else:
-            self.generator.manual_seed(params['seed'] + index)  # n choices: n different stories
+            self.generator.manual_seed(r.seed + index)  # n choices: n different stories
         self.pos, self.logits = 0, None  # tokens in its cache row; the logits after the last
-        self.done = False  # set by the request's thread too: a stop text seen, a client gone
+        self.done = False  # set by the request too: a stop text seen, a client gone
 
 
 class Batcher:
@@ -121,7 +169,7 @@ class Batcher:
                 except Exception:  # a bug must not stop the server: end these requests, go on
                     traceback.print_exc()
                     for s in taken:
-                        s.out.put((s.index, None, 'error'))
+                        s.out((s.index, None, 'error'))
                     self.rows = []
 
     def iterate(self, new):
@@ -137,13 +185,13 @@ class Batcher:
             self.generated += 1
             if token == self.eos and not s.ignore_eos:
                 s.done = True
-                s.out.put((s.index, None, 'stop'))
+                s.out((s.index, None, 'stop'))
                 continue
-            s.out.put((s.index, token))
+            s.out((s.index, token))
             s.context.append(token)
             if s.left == 0:
                 s.done = True
-                s.out.put((s.index, None, 'length'))
+                s.out((s.index, None, 'length'))
         for i in reversed(range(len(self.rows))):
             if self.rows[i].done:
                 last = self.rows.pop()
@@ -161,296 +209,20 @@ class Batcher:
                 s.logits, s.pos = logits[i:i + 1], s.pos + 1
 
 
-# ------------------------------------------------------------------------------ requests
-
-def field(body, name, kinds, default, check=None, message=''):
-    """body[name] if it has one of the types `kinds` (and passes check), else a 400 naming it.
-    A missing field or null is the default."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = ' or '.join(TYPE_NAMES[k] for k in kinds if not (k is int and float in kinds))
-        raise BadRequest(f"'{name}' must be {names}, got {json.dumps(value)[:40]}", name)
-    if check is not None and not check(value):
-        raise BadRequest(f"'{name}' {message}, got {json.dumps(value)[:40]}", name)
-    return value
-
-
-def parse_completion(body, sp, block_size, limit, max_batch):
-    """The settings of a completion request, checked: OpenAI's names and defaults."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    for name, unused in UNUSED.items():
-        if body.get(name) not in unused:
-            raise BadRequest(f"'{name}' is not supported by this server; leave it out", name)
-    p = {'model': field(body, 'model', (str,), ''),
-         'max_tokens': field(body, 'max_tokens', (int,), 16, lambda v: 0 <= v <= limit,
-                             f"must be between 0 and {limit}"),
-         'temperature': field(body, 'temperature', (int, float), 1.0, lambda v: 0 <= v <= 2,
-                              "must be between 0 and 2"),
-         'top_p': field(body, 'top_p', (int, float), 1.0, lambda v: 0 < v <= 1, "must be in (0, 1]"),
-         'top_k': field(body, 'top_k', (int,), None, lambda v: v >= 1, "must be 1 or more"),
-         'n': field(body, 'n', (int,), 1, lambda v: 1 <= v <= max_batch, f"must be between 1 and {max_batch}"),
-         'seed': field(body, 'seed', (int,), None, lambda v: 0 <= v < 2**62, "must be in 0..2^62"),
-         'stream': field(body, 'stream', (bool,), False),
-         'echo': field(body, 'echo', (bool,), False),
-         'ignore_eos': field(body, 'ignore_eos', (bool,), False)}  # vLLM's: always max_tokens
-    p['usage_chunk'] = bool(field(body, 'stream_options', (dict,), {}).get('include_usage'))
-    stop = field(body, 'stop', (str, list), [])
-    p['stop'] = [stop] if isinstance(stop, str) else stop
-    if len(p['stop']) > 4 or not all(isinstance(s, str) and s for s in p['stop']):
-        raise BadRequest("'stop' must be a string or up to 4 non-empty strings", 'stop')
-    prompt = field(body, 'prompt', (str, list), '')
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not prompts or not all(isinstance(t, str) for t in prompts):
-        raise BadRequest("'prompt' must be a string or a non-empty array of strings "
-                         "(token arrays are not supported)", 'prompt')
-    if len(prompts) * p['n'] > max_batch:
-        raise BadRequest(f"prompts times n must be at most {max_batch}", 'n')
-    try:
-        [t.encode('utf-8') for t in prompts]
-    except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); text does not
-        raise BadRequest("'prompt' must be valid Unicode text", 'prompt') from None
-    # a story starts with its begin-of-story token; SentencePiece adds the leading-space marker
-    p['prompts'] = [(text, prompt_ids(sp, text)) for text in prompts]
-    for text, ids in p['prompts']:
-        if len(ids) > block_size:
-            raise BadRequest(f"the prompt is {len(ids)} tokens (with the begin-of-story token); "
-                             f"this model's context is {block_size}: shorten it", 'prompt',
-                             code='context_length_exceeded')
-    return p
-
-
-class Choice(TextStream):
-    """One choice of a request: its text as its tokens arrive (cut at the first stop string),
-    and why it ended (None while it goes on)."""
-    reason = None
-
-    def fresh(self):
-        return super().fresh(final=self.reason is not None)
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'  # keep-alive for clients that send many requests
-    timeout = TIMEOUT
-    server_version = 'serve.py'
-
-    def log_message(self, fmt, *args):
-        pass  # one line per request is noise at many requests a second; errors still print
-
-    def answer(self, status, body, content_type='application/json', headers=()):
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header('Content-Type', content_type)
-        self.send_header('Content-Length', str(len(data)))
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != 'HEAD':
-            self.wfile.write(data)
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (a malformed request line, a URI too long), as JSON."""
-        self.request_version = 'HTTP/1.1'  # a line it could not read: answer with a status line
-        if code == 501:  # a method it has no handler for: the client's fault
-            code, message = 405, f"method {self.command} is not allowed here: use GET or POST"
-        self.error(BadRequest(f"bad request: {message or HTTPStatus(code).phrase}", status=code))
-
-    def error(self, e):
-        # the connection closes: a body not read (or half read) must not pass for a request
-        self.close_connection = True
-        headers = [('Connection', 'close')] + ([('Retry-After', '1')] if e.status == 429 else []) + \
-            ([('Allow', 'GET, HEAD, POST')] if e.status == 405 else [])
-        self.answer(e.status, {'error': {'message': str(e), 'type': e.kind, 'param': e.param,
-                                         'code': e.code}}, headers=headers)
-
-    def authorised(self):
-        app = self.server.app
-        given = self.headers.get('Authorization', '').encode()
-        if not app.api_key or hmac.compare_digest(given, f'Bearer {app.api_key}'.encode()):
-            return True
-        self.error(BadRequest("a valid API key is needed: 'Authorization: Bearer KEY'",
-                              status=401, code='invalid_api_key'))
-        return False
-
-    def do_GET(self):
-        app, path = self.server.app, self.path.split('?')[0]
-        if 'Content-Length' in self.headers or 'Transfer-Encoding' in self.headers:
-            self.close_connection = True  # a body it does not read must not pass for a request
-        if path == '/':
-            self.answer(200, app.page, 'text/html; charset=utf-8')
-        elif path == '/health':
-            b = app.batcher
-            self.answer(200, {'status': 'ok', 'model': app.name, 'decoding': len(b.rows),
-                              'waiting': len(b.waiting), 'tokens_generated': b.generated})
-        elif path == '/v1/models':
-            if self.authorised():
-                self.answer(200, {'object': 'list', 'data': [app.model_card]})
-        elif path == f'/v1/models/{app.name}':
-            if self.authorised():
-                self.answer(200, app.model_card)
-        else:
-            self.error(BadRequest(f"no such page: GET {path}", status=404, code='not_found'))
-
-    def do_POST(self):
-        path = self.path.split('?')[0]
-        self.streaming = False
-        try:
-            if path != '/v1/completions':
-                raise BadRequest(f"no such endpoint: POST {path} (this server has /v1/completions)",
-                                 status=404, code='not_found')
-            if not self.authorised():
-                return
-            body = self.read_json()
-            self.complete(parse_completion(body, self.server.app.sp, *self.server.app.limits))
-        except BadRequest as e:
-            self.refuse(e)
-        except OSError:  # the client left (or stopped reading); its sequences were let go
-            self.close_connection = True
-        except Exception as e:  # a bug: say so, keep serving
-            traceback.print_exc()
-            self.refuse(BadRequest(f"the server failed on this request ({type(e).__name__}; it "
-                                   f"printed why)", status=500, kind='server_error'))
-
-    def refuse(self, e):
-        if not self.streaming:
-            return self.error(e)
-        self.close_connection = True  # too late for a status: an error event, and no [DONE]
-        try:
-            self.event({'error': {'message': str(e), 'type': e.kind, 'param': e.param, 'code': e.code}})
-        except OSError:
-            pass
-
-    do_HEAD = do_GET  # the same headers, no body (answer() leaves it out)
-
-    def other_method(self):
-        self.error(BadRequest(f"method {self.command} is not allowed here: use GET or POST", status=405))
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = other_method
-
-    def read_json(self):
-        length = self.headers.get('Content-Length', '')
-        if not re.fullmatch(r'[0-9]{1,12}', length):
-            raise BadRequest("send the JSON body with a Content-Length header", status=411)
-        if int(length) > MAX_BODY:
-            raise BadRequest(f"the request body is over {MAX_BODY} bytes", status=413)
-        try:
-            return json.loads(self.rfile.read(int(length)))
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise BadRequest(f"the request body is not valid JSON ({first_line(e, 80)})") from None
-
-    def event(self, data):
-        """One server-sent event."""
-        self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
-        self.wfile.flush()
-
-    def client_gone(self):
-        """Whether the client has closed its connection (it may be waiting for a whole answer)."""
-        if not select.select([self.connection], [], [], 0)[0]:
-            return False
-        try:
-            return self.connection.recv(1, socket.MSG_PEEK) == b''
-        except OSError:
-            return True
-
-    def complete(self, p):
-        app, out = self.server.app, queue.Queue()
-        prompts = [(text, ids) for text, ids in p['prompts'] for _ in range(p['n'])]
-        seqs = [Sequence(i, ids, p, out) for i, (_, ids) in enumerate(prompts)]
-        choices = [Choice(app.sp, ids, p['stop']) for _, ids in prompts]
-        head = {'id': f'cmpl-{uuid.uuid4().hex}', 'object': 'text_completion',
-                'created': int(time.time()), 'model': app.name}
-        chunk = lambda i, text, reason: {'text': text, 'index': i, 'logprobs': None, 'finish_reason': reason}
-        if p['max_tokens'] > 0:
-            app.batcher.submit(seqs)  # 429 when the queue is full
-        else:
-            for c in choices:
-                c.reason = 'length'
-        try:
-            if p['stream']:
-                self.send_response(200)
-                self.send_header('Content-Type', 'text/event-stream')
-                self.send_header('Cache-Control', 'no-cache')
-                self.send_header('Connection', 'close')  # the stream ends when the connection does
-                self.end_headers()
-                self.streaming = self.close_connection = True
-                if p['usage_chunk']:
-                    head['usage'] = None  # on every chunk but the last, as OpenAI does
-                for i, (text, _) in enumerate(prompts if p['echo'] else []):
-                    self.event({**head, 'choices': [chunk(i, text, None)]})
-                for i, c in enumerate(choices if p['max_tokens'] == 0 else []):
-                    self.event({**head, 'choices': [chunk(i, '', c.reason)]})
-            for i in self.events(out, seqs, choices):
-                text = choices[i].fresh()
-                if p['stream'] and (text or choices[i].reason):
-                    self.event({**head, 'choices': [chunk(i, text, choices[i].reason)]})
-            usage = {'prompt_tokens': sum(len(ids) for _, ids in prompts),
-                     'completion_tokens': sum(len(c.ids) for c in choices)}
-            usage['total_tokens'] = usage['prompt_tokens'] + usage['completion_tokens']
-            if p['stream']:
-                if p['usage_chunk']:
-                    self.event({**head, 'choices': [], 'usage': usage})
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-            else:
-                self.answer(200, {**head, 'usage': usage, 'choices': [
-                    chunk(i, (prompts[i][0] if p['echo'] else '') + c.text, c.reason)
-                    for i, c in enumerate(choices)]})
-        finally:
-            for s in seqs:  # whatever happened, the batch lets them go
-                s.done = True
-
-    def events(self, out, seqs, choices):
-        """The index of the choice each new token went to, until every choice has ended."""
-        left, checked = sum(c.reason is None for c in choices), time.monotonic()
-        while left:
-            if time.monotonic() - checked > 0.5:  # a client waiting for a whole answer may leave
-                if self.client_gone():
-                    raise ConnectionResetError
-                checked = time.monotonic()
-            try:
-                i, token, *reason = out.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            c = choices[i]
-            if c.reason is not None:
-                continue  # ended by a stop string: what the batch still sent is not wanted
-            if token is None:
-                if reason[0] == 'error':
-                    raise BadRequest("the model failed on this request (the server printed why)",
-                                     status=500, kind='server_error')
-                c.reason = reason[0]
-            elif c.add(token):
-                c.reason, seqs[i].done = 'stop', True
-            left -= c.reason is not None
-            yield i
-
-
-class App:
-    """What the handlers share: the tokenizer, the batch, the page and the model's name."""
-
-    def __init__(self, ckpt, batcher, name, api_key):
-        self.sp = tokenizer(ckpt)
-        self.batcher, self.name, self.api_key = batcher, name, api_key
-        self.limits = ckpt['model_args']['block_size'], max_tokens_limit, max_batch
-        self.model_card = {'id': name, 'object': 'model', 'created': int(time.time()), 'owned_by': 'serve.py'}
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html'), 'rb') as f:
-            self.page = f.read()
-
-
-def build(ckpt):
-    """The Batcher for the checkpoint's model, run by `engine`."""
+def batcher_for(ckpt, s):
+    """The Batcher for the checkpoint's model, run by s['engine']."""
     block_size, eos = ckpt['model_args']['block_size'], tokenizer(ckpt).eos_id()
-    if engine != 'torch':  # these take one sequence
+    if s['engine'] != 'torch':  # these take one sequence
         from engines import make_engine
-        model = make_engine(engine, ckpt, quantize, threads)
+        model = make_engine(s['engine'], ckpt, s['quantize'], s['threads'])
 
         def prefill(row, ids):
             model.reset()
             return model.step(ids)
-        return Batcher(prefill, model.step, block_size, eos, 1, max_queue)
-    model = optimize_for_inference(model_from_checkpoint(ckpt).eval().to(device), quantize)
-    cache = KVCache(model.config, max_batch, device)
+        return Batcher(prefill, model.step, block_size, eos, 1, s['max_queue'])
+    device = pick_device(s['device'], s['quantize'])
+    model = optimize_for_inference(model_from_checkpoint(ckpt).eval().to(device), s['quantize'])
+    cache = KVCache(model.config, s['max_batch'], device)
 
     def prefill(row, ids):
         one = cache.rows(row, row + 1)
@@ -463,60 +235,263 @@ def build(ckpt):
     def move(src, dst):
         cache.kv[:, :, dst], cache.pos[dst] = cache.kv[:, :, src], cache.pos[src]
 
-    return Batcher(prefill, step, block_size, eos, max_batch, max_queue, move)
+    return Batcher(prefill, step, block_size, eos, s['max_batch'], s['max_queue'], move)
 
 
-class Server(ThreadingHTTPServer):
-    """A thread per connection, up to MAX_CONNECTIONS; beyond that a 503 at once."""
-    daemon_threads = True  # connections still open do not hold the process at Ctrl-C
-    request_queue_size = 128  # connections waiting to be accepted (the default, 5, drops a burst)
-    connections, lock = 0, threading.Lock()
+class Choice(TextStream):
+    """One choice of a request: its text as its tokens arrive (cut at the first stop string),
+    and why it ended (None while it goes on)."""
+    reason = None
 
-    def process_request(self, request, client_address):
-        if self.connections >= MAX_CONNECTIONS:
-            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                            b"Retry-After: 1\r\nConnection: close\r\n\r\n")
-            self.shutdown_request(request)
-            return
-        with self.lock:
-            self.connections += 1
-        super().process_request(request, client_address)
+    def fresh(self):
+        return super().fresh(final=self.reason is not None)
 
-    def process_request_thread(self, request, client_address):
+
+def checked(r, sp, block_size, max_n):
+    """What the request model cannot say: unsupported fields at their neutral values, the stop
+    strings, prompts times n, valid text, and prompts that fit the context. The prompts' ids."""
+    for name, neutral in UNUSED.items():
+        if getattr(r, name) not in neutral:
+            raise BadRequest(f"'{name}' is not supported by this server; leave it out", name)
+    stops = [r.stop] if isinstance(r.stop, str) else r.stop or []
+    if len(stops) > 4 or not all(stops):
+        raise BadRequest(ONE_OF['stop'], 'stop')
+    prompts = [r.prompt] if isinstance(r.prompt, str) else r.prompt
+    if not prompts:
+        raise BadRequest(ONE_OF['prompt'], 'prompt')
+    if len(prompts) * r.n > max_n:
+        raise BadRequest(f"prompts times n must be at most {max_n}", 'n')
+    try:
+        [t.encode('utf-8') for t in prompts]
+    except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); text does not
+        raise BadRequest("'prompt' must be valid Unicode text", 'prompt') from None
+    ids = [prompt_ids(sp, text) for text in prompts]
+    for p in ids:
+        if len(p) > block_size:
+            raise BadRequest(f"the prompt is {len(p)} tokens (with the begin-of-story token); this "
+                             f"model's context is {block_size}: shorten it", 'prompt',
+                             code='context_length_exceeded')
+    return list(zip(prompts, ids)), stops
+
+
+ONE_OF = {'prompt': "'prompt' must be a string or a non-empty array of strings (token arrays are not supported)",
+          'stop': "'stop' must be a string or up to 4 non-empty strings"}
+
+
+def validation_error(e):
+    """pydantic's first complaint as one of ours: the field and what is wrong with it."""
+    err = e.errors()[0]
+    where = [str(x) for x in err['loc'] if x != 'body']
+    if not where or err['type'] == 'model_type':
+        return BadRequest("the request body must be a JSON object")
+    field = where[0]
+    if field in ONE_OF:  # a union's complaints name its members: say what it takes instead
+        return BadRequest(ONE_OF[field], field)
+    got = json.dumps(err.get('input'), default=str)[:40]
+    return BadRequest(f"'{field}': {err['msg'][0].lower() + err['msg'][1:]}, got {got}", field)
+
+
+def build(settings=None):
+    """The FastAPI app serving the checkpoint that settings name; any setting left out has its
+    default (above). The model's thread starts with the app (its lifespan)."""
+    s = {**DEFAULTS, **(settings or {})}
+    if s['threads']:  # 0 here: PyTorch's default (python serve.py leaves a core free)
+        torch.set_num_threads(s['threads'])
+    path = os.path.join(s['out_dir'], s['ckpt_name'])
+    ckpt = load_checkpoint(path)
+    sp, block_size = tokenizer(ckpt), ckpt['model_args']['block_size']
+    max_n = 1 if s['engine'] != 'torch' else s['max_batch']
+    batcher = batcher_for(ckpt, s)
+    name = os.path.basename(os.path.abspath(s['out_dir']))
+    card = {'id': name, 'object': 'model', 'created': int(time.time()), 'owned_by': 'serve.py'}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html'), 'rb') as f:
+        page = f.read()
+    Completion = request_model(s['max_tokens_limit'], max_n)
+
+    async def lifespan(app):
+        threading.Thread(target=batcher.run, daemon=True).start()
+        yield
+
+    app = FastAPI(title='serve.py', summary="OpenAI's completions API on a tinygpt model",
+                  lifespan=lifespan)
+    app.state.batcher, app.state.ckpt = batcher, path
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request, e):
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):  # Starlette's own: no such path, another method
+        if e.status_code == 405:
+            return BadRequest(f"method {request.method} is not allowed here: use GET or POST",
+                              status=405).response()
+        if e.status_code == 404:
+            return BadRequest(f"no such page: {request.method} {request.url.path}", status=404,
+                              code='not_found').response()
+        return BadRequest(f"bad request: {e.detail}", status=e.status_code).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e):
+        return validation_error(e).response()
+
+    def authorised(request):
+        given = request.headers.get('authorization', '').encode()
+        if s['api_key'] and not hmac.compare_digest(given, f"Bearer {s['api_key']}".encode()):
+            raise BadRequest("a valid API key is needed: 'Authorization: Bearer KEY'", status=401,
+                             code='invalid_api_key')
+
+    @app.get('/', response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.head('/health', include_in_schema=False)
+    @app.get('/health')
+    async def health():
+        return {'status': 'ok', 'model': name, 'decoding': len(batcher.rows),
+                'waiting': len(batcher.waiting), 'tokens_generated': batcher.generated}
+
+    @app.get('/v1/models')
+    async def models(request: Request):
+        authorised(request)
+        return {'object': 'list', 'data': [card]}
+
+    @app.get('/v1/models/{model}')
+    async def model(model: str, request: Request):
+        authorised(request)
+        if model != name:
+            raise BadRequest(f"no such model: {model} (this server has {name})", 'model', 404, code='not_found')
+        return card
+
+    # The body is read and parsed here rather than by FastAPI, so that every malformed one is a
+    # 4xx of ours (a body nested too deep for Python's parser too); its schema is declared.
+    @app.post('/v1/completions', openapi_extra={'requestBody': {'required': True, 'content': {
+        'application/json': {'schema': Completion.model_json_schema(ref_template='#/components/schemas/{model}')}}}})
+    async def completions(request: Request):
+        authorised(request)
+        length = request.headers.get('content-length', '')
+        if not length.isdigit():
+            raise BadRequest("send the JSON body with a Content-Length header", status=411)
+        if int(length) > MAX_BODY:
+            raise BadRequest(f"the request body is over {MAX_BODY} bytes", status=413)
         try:
-            super().process_request_thread(request, client_address)
+            body = json.loads(await request.body())
+        except (ValueError, RecursionError) as e:
+            raise BadRequest(f"the request body is not valid JSON ({first_line(e, 80)})") from None
+        try:
+            r = Completion.model_validate(body)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        prompts, stops = checked(r, sp, block_size, max_n)
+        return await complete(request, r, prompts, stops)
+
+    async def complete(request, r, prompts, stops):
+        loop, out = asyncio.get_running_loop(), asyncio.Queue()
+        put = lambda item: loop.call_soon_threadsafe(out.put_nowait, item)  # noqa: E731 (from the model's thread)
+        prompts = [(text, ids) for text, ids in prompts for _ in range(r.n)]
+        seqs = [Sequence(i, ids, r, put) for i, (_, ids) in enumerate(prompts)]
+        choices = [Choice(sp, ids, stops) for _, ids in prompts]
+        head = {'id': f'cmpl-{uuid.uuid4().hex}', 'object': 'text_completion', 'created': int(time.time()),
+                'model': name}
+        chunk = lambda i, text, reason: {'text': text, 'index': i, 'logprobs': None, 'finish_reason': reason}  # noqa: E731
+        if r.max_tokens > 0:
+            batcher.submit(seqs)  # 429 when the queue is full
+        else:
+            for c in choices:
+                c.reason = 'length'
+        usage_chunk = bool((r.stream_options or {}).get('include_usage'))
+
+        def usage():
+            u = {'prompt_tokens': sum(len(ids) for _, ids in prompts), 'completion_tokens': sum(len(c.ids) for c in choices)}
+            return {**u, 'total_tokens': u['prompt_tokens'] + u['completion_tokens']}
+
+        async def events():
+            """The index of the choice each new token went to, until every choice has ended (or
+            the client has gone: None from watch())."""
+            left = sum(c.reason is None for c in choices)
+            while left:
+                item = await out.get()
+                if item is None:
+                    return
+                i, token, *reason = item
+                c = choices[i]
+                if c.reason is not None:
+                    continue  # ended by a stop string: what the batch still sent is not wanted
+                if token is None:
+                    if reason[0] == 'error':
+                        raise BadRequest("the model failed on this request (the server printed why)",
+                                         status=500, kind='server_error')
+                    c.reason = reason[0]
+                elif c.add(token):
+                    c.reason, seqs[i].done = 'stop', True
+                left -= c.reason is not None
+                yield i
+
+        async def watch():  # a client waiting for a whole answer may leave
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.5)
+            out.put_nowait(None)
+
+        def sse(data):
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def stream():
+            try:
+                extra = {'usage': None} if usage_chunk else {}  # on every chunk but the last, as OpenAI does
+                for i, (text, _) in enumerate(prompts if r.echo else []):
+                    yield sse({**head, **extra, 'choices': [chunk(i, text, None)]})
+                for i, c in enumerate(choices if r.max_tokens == 0 else []):
+                    yield sse({**head, **extra, 'choices': [chunk(i, '', c.reason)]})
+                async for i in events():
+                    text = choices[i].fresh()
+                    if text or choices[i].reason:
+                        yield sse({**head, **extra, 'choices': [chunk(i, text, choices[i].reason)]})
+                if usage_chunk:
+                    yield sse({**head, 'choices': [], 'usage': usage()})
+                yield "data: [DONE]\n\n"
+            except BadRequest as e:  # too late for a status: an error event, and no [DONE]
+                yield sse(error_body(e))
+            finally:  # whatever happened (the client gone too), the batch lets them go
+                for q in seqs:
+                    q.done = True
+
+        if r.stream:
+            return StreamingResponse(stream(), media_type='text/event-stream',
+                                     headers={'Cache-Control': 'no-cache'})
+        watcher = asyncio.ensure_future(watch())
+        try:
+            async for _ in events():
+                pass
         finally:
-            with self.lock:
-                self.connections -= 1
+            watcher.cancel()
+            for q in seqs:
+                q.done = True
+        if await request.is_disconnected():
+            return Response(status_code=204)
+        return {**head, 'usage': usage(), 'choices': [
+            chunk(i, (prompts[i][0] if r.echo else '') + c.text, c.reason) for i, c in enumerate(choices)]}
+
+    return app
 
 
 if __name__ == '__main__':
-    configure(globals(), dict(engine=ENGINES, quantize=QUANTIZE, max_batch='[1, 256]', max_queue='>= 1',
-                              max_tokens_limit='>= 1', port='[0, 65535]', threads='>= 0'))
-    if threads:
-        torch.set_num_threads(threads)
-    device = pick_device(device, quantize) if engine == 'torch' else 'cpu'
-    path = os.path.join(out_dir, ckpt_name)
-    ckpt = load_checkpoint(path)
-    if engine != 'torch':
-        max_batch = 1
-    batcher = build(ckpt)
-    app = App(ckpt, batcher, os.path.basename(os.path.abspath(out_dir)), api_key)
-    try:
-        server = Server((host, port), Handler)
+    settings = configure(globals(), CHECKS)
+    # the model's threads leave a core to the event loop and to clients on this machine: on 2
+    # cores, 1 thread serves one client 1.6 times faster than 2 (docs/benchmarks.md)
+    settings['threads'] = threads or max(1, torch.get_num_threads() - 1)
+    try:  # listening first: a taken port is one line, and clients may connect from here on
+        sock = socket.create_server((host, port), backlog=128)
     except OSError as e:
         die(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host")
-    server.app = app
-    threading.Thread(target=batcher.run, daemon=True).start()
-    a = ckpt['model_args']
-    print(f"serving {path} ({a['n_layer']} layers x {a['n_embd']}, {engine}"
-          f"{', int8' if quantize == 'int8' else ''}, batches of up to {max_batch}) on "
-          f"http://{host}:{server.server_address[1]}/ : the page at /, the API at /v1/completions",
-          flush=True)
+    app = build(settings)
+    a = load_checkpoint(app.state.ckpt)['model_args']
+    print(f"serving {app.state.ckpt} ({a['n_layer']} layers x {a['n_embd']}, {engine}"
+          f"{', int8' if quantize == 'int8' else ''}, batches of up to {max_batch if engine == 'torch' else 1}) "
+          f"on http://{host}:{sock.getsockname()[1]}/ : the page at /, the API at /v1/completions, "
+          f"its schema at /docs", flush=True)
     if host not in ('127.0.0.1', 'localhost', '::1') and not api_key:
         print(f"note: listening on {host} without --api_key: anyone who can reach this machine can use it",
               file=sys.stderr)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped")
+    server = uvicorn.Server(uvicorn.Config(app, limit_concurrency=max_connections, log_level='warning',
+                                           timeout_keep_alive=60, timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    print("stopped")

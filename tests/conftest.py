@@ -104,6 +104,21 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def tiny_ckpt(tmp_path_factory):
+    """(out_dir, checkpoint, model) of a random tiny GPT (context 64) with a 512-token tokenizer
+    trained on the test slice: made in-process in a second, for the quick tests."""
+    from checkpoint import load_checkpoint, save_checkpoint
+    from data import read_stories
+    from prepare import train_tokenizer
+    out = tmp_path_factory.mktemp('tiny')
+    path = train_tokenizer(read_stories(str(STORIES / 'train.txt')), str(out / 'tokenizer'), 512)
+    model = tiny(bias=False, block_size=64, vocab_size=512).eval()
+    save_checkpoint({'model': model.state_dict(), 'model_args': vars(model.config), 'config': {},
+                     'iter_num': 0, 'tokenizer': open(path, 'rb').read()}, str(out / 'ckpt.pt'))
+    return out, load_checkpoint(str(out / 'ckpt.pt')), model
+
+
+@pytest.fixture(scope='session')
 def trained(data_dir, tmp_path_factory):
     """(out_dir, checkpoint, model) of a small trained model of the default shape options (no
     biases), with a context of 64 tokens so that decoding soon has to restart its window."""

@@ -349,3 +349,14 @@ def test_gradient_checkpointing_gives_same_loss_and_grads():
         grads.append((loss.item(), model.lm_head.weight.grad.clone()))
     assert grads[0][0] == grads[1][0]
     torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_a_tiny_temperature_or_top_p_samples_the_most_likely_token_and_returns():
+    """logits / 1e-300 would be inf - inf = NaN in the softmax, and nucleus sampling's
+    rejection loop would never end on NaN probabilities."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for t in (1e-300, 1e-30, 1e-8):
+        assert torch.equal(sample(logits, t, top_p=0.5).squeeze(1), logits.argmax(-1))
+        assert torch.equal(sample(logits, t, top_k=3).squeeze(1), logits.argmax(-1))
+    # a top_p below float32's smallest number: the nucleus is the most likely token, not empty
+    assert torch.equal(sample(logits, 2.0, top_p=1e-300).squeeze(1), logits.argmax(-1))
