@@ -231,12 +231,25 @@ def pick_device(device, quantize='none'):
     return device
 
 
-def pick_dtype(dtype, device):
-    """'auto' is bfloat16 on a GPU that supports it, else float32 (bf16 is emulated, and
-    slower, on CPUs without AVX-512-BF16 or AMX)."""
+def native_bf16(device='cpu'):
+    """Whether bfloat16 matmuls run natively on this device, faster than float32: a GPU that
+    supports them, or a CPU with AVX512-BF16 or AMX (elsewhere bf16 is emulated, and slower)."""
     import torch
+    kind = device.split(':')[0]
+    if kind == 'cuda':
+        return torch.cuda.is_bf16_supported()
+    if kind == 'cpu':  # PyTorch's own checks of the CPU's instructions
+        return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported',
+                                                                     '_is_amx_tile_supported'))
+    return False
+
+
+def pick_dtype(dtype, device, train=False):
+    """'auto' is bfloat16 where its matmuls are native: on a GPU that has them, and on such a
+    CPU for training (decoding one sequence measured slower in bf16 there); else float32."""
     if dtype == 'auto':
-        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+        native = native_bf16(device) and (train or not device.startswith('cpu'))
+        dtype = 'bfloat16' if native else 'float32'
     if dtype not in ('float32', 'bfloat16', 'float16'):
         die(f"unknown dtype '{dtype}': use float32, bfloat16 or float16")
     return dtype

@@ -13,15 +13,16 @@ QUANTIZE = ('none', 'int8')  # the quantize setting's choices
 
 
 class ThreadedLinear(torch.nn.Module):
-    """A Linear whose output rows are cut into one contiguous block per thread, multiplied as a
-    batch (one torch.bmm), one block per core. Decoding multiplies each weight matrix by one
-    vector, and the time goes in reading the weights; MKL does that product on one core. Same
-    values as the Linear, in another memory order."""
+    """A Linear whose output rows are cut into contiguous blocks, 8 a thread, multiplied as a
+    batch (one torch.bmm) that the threads share. Decoding multiplies each weight matrix by one
+    vector, and the time goes in reading the weights: MKL does that product on one core, and a
+    block per thread read them at 22.6 GB/s on 2 cores where 8 a thread read at 26.3
+    (docs/benchmarks.md). Same values as the Linear, in another memory order."""
 
     def __init__(self, linear, threads):
         super().__init__()
         out_f, in_f = linear.weight.shape
-        parts = max(p for p in range(1, threads + 1) if out_f % p == 0)
+        parts = max(p for p in range(1, 8 * threads + 1) if out_f % p == 0)
         w = linear.weight.detach().view(parts, out_f // parts, in_f)
         self.register_buffer('blocks', w.transpose(1, 2).contiguous())  # (parts, in, out/parts)
         self.bias = linear.bias

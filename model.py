@@ -35,16 +35,16 @@ def rope_cache(T, head_dim, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x1, x2) of the last dim of x (..., T, hd) by its position's angle.
-    A rotation keeps lengths and q.k then depends only on the distance between positions."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """Rotate each pair (x1, x2) of x's last dim (..., T, hd) by its position's angle, as x1 + i x2
+    times cos + i sin: lengths stay, and q.k depends only on the distance between positions."""
+    dt = torch.promote_types(x.dtype, torch.float32)  # there are no bfloat16 complex numbers
+    pairs = torch.view_as_complex(x.to(dt).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * torch.complex(cos.to(dt), sin.to(dt))).flatten(-2).type_as(x)
 
 
 class KVCache:
-    """The keys and values of every layer for B rows, each row with its own length (a server
-    decodes sequences of different lengths together). A forward pass appends T tokens to every
-    row: claim() gives their positions and masks, append() stores a layer's keys and values."""
+    """The keys and values of every layer for B rows, each with its own length (a server's batch).
+    A forward pass appends T tokens to every row: claim() places them, append() stores them."""
 
     def __init__(self, config, batch_size, device=None, dtype=None):
         hd = config.n_embd // config.n_head
@@ -59,11 +59,11 @@ class KVCache:
         return view
 
     def claim(self, T):
-        """The positions (B, T) of each row's next T tokens. Their mask of the keys they see is
-        None where plain causal attention is right: all rows at one place, one token or from 0."""
+        """The positions (B, T) of each row's next T tokens. The mask of the keys they see is None
+        where plain causal attention is right: all rows at one place, with one token or from 0."""
         self.t = self.pos[:, None] + torch.arange(T, device=self.pos.device)
         first, last = (int(p) for p in self.pos.aminmax())
-        self.n = last + T  # the keys in use
+        self.n, self.first = last + T, first if first == last else None  # keys in use; a shared start
         assert self.n <= self.kv.size(4), f"{self.n} tokens > block_size {self.kv.size(4)}"
         same = first == last and (T == 1 or first == 0)
         self.mask = None if same else torch.arange(self.n, device=self.t.device) <= self.t[:, None, :, None]
@@ -72,9 +72,12 @@ class KVCache:
 
     def append(self, layer, k, v):
         """Store k, v (B, nh, T, hd) at the claimed positions; return every key and value so far."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]
-        self.kv[layer, 0, rows, :, self.t] = k.transpose(1, 2)  # (B, T, nh, hd): rows x positions
-        self.kv[layer, 1, rows, :, self.t] = v.transpose(1, 2)
+        if self.first is not None:  # every row at one place: a slice, cheaper than indexing
+            self.kv[layer, :, :, :, self.first:self.n] = torch.stack((k, v))
+        else:
+            rows = torch.arange(k.size(0), device=k.device)[:, None]
+            self.kv[layer, 0, rows, :, self.t] = k.transpose(1, 2)  # (B, T, nh, hd): rows x positions
+            self.kv[layer, 1, rows, :, self.t] = v.transpose(1, 2)
         return self.kv[layer, 0, :, :, :self.n], self.kv[layer, 1, :, :, :self.n], self.mask
 
 
@@ -169,9 +172,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, cache=None):
-        """idx: (B, T) token ids. With targets: all logits and the mean cross-entropy. Without:
-        logits at the last position only, saving the lm_head elsewhere. With a cache (KVCache),
-        the tokens continue each row's sequence, at its own position."""
+        """idx: (B, T) token ids. With targets: all logits and the mean cross-entropy; without, the
+        last position's only (no lm_head elsewhere). With a KVCache they continue each of its rows."""
         B, T = idx.size()
         assert cache is not None or T <= self.config.block_size, f"{T} tokens > block_size {self.config.block_size}"
         t = slice(0, T) if cache is None else cache.claim(T)  # the tokens' positions
@@ -234,9 +236,8 @@ class GPT(nn.Module):
 
 
 def slide(context, cached, block_size):
-    """The context rule for a cache holding `cached` tokens that must take one more: None while
-    there is room; when full, the context's most recent half (..., n), all but its last token
-    prefilled anew, the last one stepped: every token keeps at least half a context."""
+    """The context rule, for a cache of `cached` tokens to take one more: None while there is room;
+    when full, the context's last half (..., n): all but its last token run anew, then that one."""
     return None if cached < block_size else context[..., -(block_size // 2):]
 
 

@@ -5,17 +5,20 @@ and the biases. GPT.configure_optimizers (model.py) makes the groups.
 """
 import torch
 
+from common import native_bf16
 
-def orthogonalize(G, steps=5):
+
+def orthogonalize(G, steps=5, dtype=torch.float32):
     """Roughly U V^T for G = U S V^T: Muon's quintic Newton-Schulz iteration, whose coefficients
-    move every singular value into about [0.7, 1.2] in a few steps rather than exactly to 1."""
-    X = G / G.norm().clamp(min=1e-7)  # singular values at most 1, where the iteration converges
+    move every singular value into about [0.7, 1.2] in a few steps rather than exactly to 1. Its
+    matmuls in `dtype`: bfloat16, as Muon's authors run it, where that is native and faster."""
+    X = (G / G.norm().clamp(min=1e-7)).to(dtype)  # singular values at most 1, where it converges
     if G.size(0) > G.size(1):
         X = X.T  # so that the Gram matrix X X^T is the smaller one
     for _ in range(steps):
         A = X @ X.T
         X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
-    return X.T if G.size(0) > G.size(1) else X
+    return (X.T if G.size(0) > G.size(1) else X).to(G.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -38,7 +41,8 @@ class Muon(torch.optim.Optimizer):
                 if group['muon']:
                     buf = state.setdefault('momentum', torch.zeros_like(p))
                     buf.mul_(group['momentum']).add_(g)
-                    update = orthogonalize(g.add(buf, alpha=group['momentum']))
+                    fast = torch.bfloat16 if native_bf16(p.device.type) else torch.float32
+                    update = orthogonalize(g.add(buf, alpha=group['momentum']), dtype=fast)
                     p.add_(update, alpha=-lr * group['lr_ratio'] * max(1, p.size(0) / p.size(1)) ** 0.5)
                 else:  # AdamW (Loshchilov & Hutter 2019)
                     if not state:

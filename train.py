@@ -72,7 +72,7 @@ lr_decay_iters = 2000    # usually = max_iters
 min_lr = 1e-4            # usually learning_rate / 10
 # system
 device = 'auto'          # 'auto' (cuda, xpu, mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'xpu', 'mps'
-dtype = 'auto'           # 'float32', 'bfloat16', 'float16'; 'auto' = bfloat16 on a capable GPU
+dtype = 'auto'           # 'float32', 'bfloat16' (autocast), 'float16'; 'auto' = bfloat16 where it is native (a GPU, a CPU with AVX512-BF16 or AMX)
 compile = False          # torch.compile: slow to start (it compiles), then faster steps
 ipex = False             # intel_extension_for_pytorch.optimize (needs a torch that IPEX supports)
 threads = 0              # CPU threads for torch; 0 = PyTorch's default (the physical cores)
@@ -164,7 +164,7 @@ if micro * world_size != batch_size * g:
     die(f"a step of batch_size x gradient_accumulation_steps = {batch_size} x "
         f"{gradient_accumulation_steps} sequences does not split evenly over {world_size} "
         f"processes: make batch_size or gradient_accumulation_steps a multiple of {world_size // g}")
-dtype = pick_dtype(dtype, device)
+dtype = pick_dtype(dtype, device, train=True)
 device_type = device.split(':')[0]
 if threads:
     torch.set_num_threads(threads)
@@ -329,7 +329,7 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-peak = peak_flops(device, 'float32' if device_type == 'cpu' else dtype) if master else 0.0
+peak = peak_flops(device, dtype) if master else 0.0  # the dtype's own peak: MFU of what it can do
 tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
 log(f"model: {raw_model.get_num_params():,} parameters ({n_layer} layers x {n_embd}, {n_head} heads, "
     f"context {block_size}); data: {data_path}, {meta['train_tokens']:,} training tokens; a step: "

@@ -231,3 +231,19 @@ def test_optimize_for_inference_keeps_the_model_s_outputs():
     int8 = optimize_for_inference(copy.deepcopy(model), 'int8')
     err = (int8(x)[0] - ref).abs().max() / ref.abs().max()
     assert 0 < err < 0.05  # quantized: close, not equal
+
+
+@pytest.mark.parametrize('avx512_bf16, amx, train, device, expected', [
+    (True, False, True, 'cpu', 'bfloat16'),   # Zen 4 / Zen 5: native bf16 for training
+    (False, True, True, 'cpu', 'bfloat16'),   # a Xeon with AMX
+    (False, False, True, 'cpu', 'float32'),   # AVX2 or AVX-512 without bf16: emulated, slower
+    (True, True, False, 'cpu', 'float32'),    # decoding one sequence: measured slower in bf16
+])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_it(monkeypatch, avx512_bf16, amx, train, device, expected):
+    import common
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx, raising=False)
+    assert common.pick_dtype('auto', device, train=train) == expected
+    assert common.pick_dtype('float32', device, train=train) == 'float32'  # asked for: as asked
+    import muon
+    assert muon.native_bf16('cpu') == (avx512_bf16 or amx)  # and Muon's Newton-Schulz with it
