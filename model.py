@@ -1,5 +1,4 @@
-"""
-The whole GPT in one file, to be read top to bottom: a decoder-only transformer (GPT-2,
+"""The whole GPT in one file, to be read top to bottom: a decoder-only transformer (GPT-2,
 Radford et al. 2019, https://github.com/openai/gpt-2) with rotary position embeddings (RoPE,
 Su et al. 2021, https://arxiv.org/abs/2104.09864) in place of learned positions, a key/value
 cache for fast sampling, and the samplers. Names and shape follow nanoGPT (karpathy/nanoGPT).
@@ -37,6 +36,9 @@ def rope_cache(T, head_dim, theta=10000.0):
 def apply_rope(x, cos, sin):
     """Rotate each pair (x1, x2) of x's last dim (..., T, hd) by its position's angle, as x1 + i x2
     times cos + i sin: lengths stay, and q.k depends only on the distance between positions."""
+    if torch.compiler.is_compiling():  # inductor has no complex numbers: the same product in reals
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
     dt = torch.promote_types(x.dtype, torch.float32)  # there are no bfloat16 complex numbers
     pairs = torch.view_as_complex(x.to(dt).unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * torch.complex(cos.to(dt), sin.to(dt))).flatten(-2).type_as(x)
@@ -150,8 +152,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (Press & Wolf 2017): the output layer reuses the token embedding
         self.transformer.wte.weight = self.lm_head.weight
-        # fixed tables, not parameters: rebuilt here rather than saved in checkpoints
-        if config.pos_emb == 'rope':
+        if config.pos_emb == 'rope':  # fixed tables, not parameters: rebuilt, not saved in checkpoints
             cos, sin = rope_cache(config.block_size, config.n_embd // config.n_head, config.rope_theta)
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
@@ -207,8 +208,7 @@ class GPT(nn.Module):
             from muon import Muon  # its own file: the model does not need to know its optimizer
             muon_group = {'params': [p for p in params if id(p) in hidden], 'weight_decay': weight_decay, 'muon': True}
             return Muon([muon_group] + groups, lr=learning_rate, betas=betas)
-        # the fused kernel is fastest on CUDA; on the CPU the default (foreach) is
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')  # fastest on CUDA
 
     def flops_per_token(self, T=None):
         """Training FLOPs per token (PaLM, appendix B): 6 per parameter (the tied embedding once)

@@ -59,7 +59,7 @@ grad_checkpoint = False  # recompute activations in backward: less memory, more 
 lora_rank = 0            # 0 = off: fine-tuning trains every weight
 lora_alpha = 16.0        # the update is scaled by lora_alpha / lora_rank
 lora_targets = 'c_attn,c_proj,c_fc'  # the Linears inside the blocks that get an adapter
-# AdamW and the learning-rate schedule: linear warmup, then cosine decay to min_lr
+# AdamW and the learning-rate schedule: linear warmup, then a decay to min_lr at lr_decay_iters
 learning_rate = 1e-3
 max_iters = 2000
 weight_decay = 0.1       # decoupled weight decay of the matrices, not of norms and biases
@@ -70,6 +70,9 @@ grad_clip = 1.0          # clip the gradient norm at this value; 0 = off
 warmup_iters = 100
 lr_decay_iters = 2000    # usually = max_iters
 min_lr = 1e-4            # usually learning_rate / 10
+lr_schedule = 'cosine'   # 'cosine' decay after the warmup; 'wsd' (warmup-stable-decay, Hu et al. 2024):
+                         # the full rate, then a straight line down over the last decay_fraction
+decay_fraction = 0.2     # of lr_decay_iters, for 'wsd'
 # system
 device = 'auto'          # 'auto' (cuda, xpu, mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'xpu', 'mps'
 dtype = 'auto'           # 'float32', 'bfloat16' (autocast), 'float16'; 'auto' = bfloat16 where it is native (a GPU, a CPU with AVX512-BF16 or AMX)
@@ -89,6 +92,7 @@ config = configure(globals(), dict(
     eval_iters='>= 1', log_interval='>= 1', gradient_accumulation_steps='>= 1', dropout='[0, 1)',
     attn_dropout='[0, 1)', warmup_iters='>= 0', grad_clip='>= 0', patience='>= 0', lora_rank='>= 0',
     lora_alpha='> 0', threads='>= 0', tokenizer=('bpe', 'char'), pos_emb=('rope', 'learned'),
+    lr_schedule=('cosine', 'wsd'), decay_fraction='(0, 1]',
     min_lr=(lambda v: 0 <= v <= learning_rate, 'in [0, learning_rate]'),
     n_embd=(lambda v: v > 0 and n_head > 0 and v % n_head == 0 and v // n_head % 2 == 0,
             'a multiple of n_head with an even head size (RoPE rotates pairs)'),
@@ -376,6 +380,9 @@ def get_lr(it):
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > lr_decay_iters:
         return min_lr
+    if lr_schedule == 'wsd':  # the share of the decay still to go, 1 until it starts
+        left = min(1.0, (lr_decay_iters - it) / max(1, decay_fraction * lr_decay_iters))
+        return min_lr + left * (learning_rate - min_lr)
     ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 

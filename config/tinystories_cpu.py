@@ -6,11 +6,12 @@
 # for the matrices inside the blocks: config/tinystories_cpu_small.py's model and optimiser,
 # without its regularisation.
 # Measured (2-vCPU AMD EPYC Zen 3 VM, torch 2.13 CPU, fp32): that model and optimiser reach 0.9030
-# bits per byte on the held-out test split after 2,100 steps over the 2 MB sample. Its step
-# (python bench.py --models=cpu --skip_generate=True --batch_size=16 --muon=True --dropout=0,
-# and --dropout=0.2; two runs each, 2026-12-02) took 3.0 s without dropout and 3.2-3.4 s with
-# it on a VM where 2,400 steps take 2 hours; on the one where docs/tuning.md measured 1.27 s
-# a step, they take 51 minutes.
+# bits per byte on the held-out test split after 2,100 steps over the 2 MB sample.
+# Its step on a 2-vCPU AMD EPYC Zen 4 VM (AVX512-BF16, so dtype='auto' trains in bf16 autocast),
+# torch 2.13 CPU, 2026-12-04: 0.81-0.97 s (train.py's own log); its first steps estimated the
+# whole run at 42 minutes, and 1,750 steps with 8 evaluations took 27.8 minutes (on the 2 MB
+# sample, where this recipe memorises without dropout and stopped early). In fp32 on the same
+# CPU the step takes 1.3-1.7 s (docs/benchmarks.md).
 # Reasoned, not yet measured on the full dataset:
 # - 2,400 steps read 9.8M tokens, 2 % of the data: nothing repeats, so there is nothing to
 #   memorise. Dropout goes (a faster step) and weight decay is the usual 0.1.

@@ -79,7 +79,9 @@ def test_layernorm_forward_backward_matches_numpy():
     np.testing.assert_allclose(ln.bias.grad.numpy(), db, atol=1e-10)
 
 
-def test_rope_matches_numpy_definition():
+@pytest.mark.parametrize('compiling', [False, True])  # torch.compile gets the real-number form
+def test_rope_matches_numpy_definition(monkeypatch, compiling):
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: compiling)
     x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
     cos, sin = rope_cache(10, 8)
     got = apply_rope(x, cos[3:10].double(), sin[3:10].double())

@@ -237,6 +237,16 @@ def test_a_short_run_scales_its_schedule_and_estimates_its_time(data_dir, tmp_pa
     assert lr == pytest.approx(2e-3 * 31 / 101, rel=1e-3)  # still in the config's 100-step warmup
 
 
+def test_warmup_stable_decay_holds_the_rate_then_decays_in_a_line(data_dir, tmp_path):
+    train(data_dir, tmp_path, '--lr_schedule=wsd', '--decay_fraction=0.5', '--warmup_iters=0',
+          '--learning_rate=1e-3', '--min_lr=1e-4', '--max_iters=20', '--lr_decay_iters=20',
+          '--eval_interval=2')
+    lr = {int(r['iter']): float(r['lr']) for r in csv.DictReader(open(tmp_path / 'log.csv'))}
+    assert sorted(lr) == list(range(0, 21, 2))
+    for it, got in lr.items():  # stable until iteration 10, then straight down to min_lr at 20
+        assert got == pytest.approx(1e-3 if it <= 10 else 1e-4 + (20 - it) / 10 * 9e-4, rel=1e-6), it
+
+
 def test_a_run_says_when_its_regularisation_does_not_fit_its_data(data_dir, tmp_path):
     """Dropout on a run that sees its data less than once, none on one that reads it over and
     over: one line naming the recipe that fits (the test slice holds ~93k training tokens)."""
