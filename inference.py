@@ -15,9 +15,9 @@ QUANTIZE = ('none', 'int8')  # the quantize setting's choices
 class ThreadedLinear(torch.nn.Module):
     """A Linear whose output rows are cut into contiguous blocks, 8 a thread, multiplied as a
     batch (one torch.bmm) that the threads share. Decoding multiplies each weight matrix by one
-    vector, and the time goes in reading the weights: MKL does that product on one core, and a
-    block per thread read them at 22.6 GB/s on 2 cores where 8 a thread read at 26.3
-    (docs/benchmarks.md). Same values as the Linear, in another memory order."""
+    vector, and the time goes in reading the weights: MKL does that product on one core, and
+    8 blocks a thread read them faster than one (docs/benchmarks.md). Same values as the
+    Linear, in another memory order."""
 
     def __init__(self, linear, threads):
         super().__init__()

@@ -30,6 +30,8 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, groups, lr, betas, momentum=0.95, lr_ratio=10.0, eps=1e-8):
         super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, lr_ratio=lr_ratio,
                                       eps=eps, muon=False))
+        device = next(p for group in self.param_groups for p in group['params']).device.type
+        self.ns_dtype = torch.bfloat16 if native_bf16(device) else torch.float32  # for Newton-Schulz
 
     @torch.no_grad()
     def step(self):
@@ -41,8 +43,7 @@ class Muon(torch.optim.Optimizer):
                 if group['muon']:
                     buf = state.setdefault('momentum', torch.zeros_like(p))
                     buf.mul_(group['momentum']).add_(g)
-                    fast = torch.bfloat16 if native_bf16(p.device.type) else torch.float32
-                    update = orthogonalize(g.add(buf, alpha=group['momentum']), dtype=fast)
+                    update = orthogonalize(g.add(buf, alpha=group['momentum']), dtype=self.ns_dtype)
                     p.add_(update, alpha=-lr * group['lr_ratio'] * max(1, p.size(0) / p.size(1)) ** 0.5)
                 else:  # AdamW (Loshchilov & Hutter 2019)
                     if not state:

@@ -75,7 +75,8 @@ lr_schedule = 'cosine'   # 'cosine' decay after the warmup; 'wsd' (warmup-stable
 decay_fraction = 0.2     # of lr_decay_iters, for 'wsd'
 # system
 device = 'auto'          # 'auto' (cuda, xpu, mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'xpu', 'mps'
-dtype = 'auto'           # 'float32', 'bfloat16' (autocast), 'float16'; 'auto' = bfloat16 where it is native (a GPU, a CPU with AVX512-BF16 or AMX)
+dtype = 'auto'           # 'float32', 'bfloat16' (autocast), 'float16'; 'auto' = bfloat16 where
+                         # its matmuls are native (a GPU, a CPU with AVX512-BF16 or AMX)
 compile = False          # torch.compile: slow to start (it compiles), then faster steps
 ipex = False             # intel_extension_for_pytorch.optimize (needs a torch that IPEX supports)
 threads = 0              # CPU threads for torch; 0 = PyTorch's default (the physical cores)
