@@ -10,6 +10,8 @@
 #   python prepare.py --source=stories                   1-2 s
 #   python train.py config/tinystories_cpu_small.py      99.6 minutes on 2026-12-02 (2.2-3.1 s a step)
 #   python eval.py                                       0.8499 bits per byte on the held-out test split
+# On a 2-vCPU Intel Xeon VM with AMX, in bf16 autocast (dtype='auto'), 2026-12-05: 20.6 minutes
+# (0.53-0.64 s a step), 0.8484 on test (docs/tuning.md section 9).
 # The same run on V1's sample alone (--source=../shared/tinystories): 0.9030, in 62 minutes on
 # 2026-11-24 (1.65 s a step).
 # Its 4,042 stories are seen about 10 times (V1 alone: 17), so the model memorises them: strong
