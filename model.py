@@ -3,7 +3,6 @@ Radford et al. 2019, https://github.com/openai/gpt-2) with rotary position embed
 Su et al. 2021, https://arxiv.org/abs/2104.09864) in place of learned positions, a key/value
 cache for fast sampling, and the samplers. Names and shape follow nanoGPT (karpathy/nanoGPT).
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -158,10 +157,11 @@ class GPT(nn.Module):
             self.register_buffer('rope_sin', sin, persistent=False)
         self.grad_checkpoint = False  # recompute each block in backward: less memory, more time
         self.apply(self._init_weights)
-        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), one per sublayer
+        # each residual branch's last Linear starts at zero, so each block starts as the identity
+        # and learns what to add (Fixup, Zhang et al. 2019; GPT-2 scaled it by 1/sqrt(2 L) instead)
         for pn, p in self.named_parameters():
             if pn.endswith('c_proj.weight'):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                torch.nn.init.zeros_(p)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
