@@ -6,7 +6,9 @@
 # for the matrices inside the blocks: config/tinystories_cpu_small.py's model and optimiser,
 # without its regularisation.
 # Measured (2-vCPU AMD EPYC Zen 3 VM, torch 2.13 CPU, fp32): that model and optimiser reach 0.9030
-# bits per byte on the held-out test split after 2,100 steps over the 2 MB sample.
+# bits per byte on the held-out test split after 2,100 steps over the 2 MB sample (with GPT-2's
+# init; model.py now starts the residual projections at zero, 0.6-0.9 % better on the small
+# recipe's data: docs/tuning.md section 10).
 # Its step on a 2-vCPU AMD EPYC Zen 4 VM (AVX512-BF16, so dtype='auto' trains in bf16 autocast),
 # torch 2.13 CPU, 2026-12-04: 0.81-0.97 s (train.py's own log); its first steps estimated the
 # whole run at 42 minutes, and 1,750 steps with 8 evaluations took 27.8 minutes (on the 2 MB
@@ -18,6 +20,9 @@
 # - At equal steps, new text teaches at least as much as text seen 17 times (Muennighoff et al.
 #   2023: beyond about 4 passes, repeated data is worth less than new), so this run should reach
 #   the small recipe's figure or better on the full data's test split.
+# - Of docs/tuning.md section 10's changes, the zero-initialised projections (model.py's init)
+#   apply here too. Batch 8 and an untied output layer lost on the small data; the tied one
+#   helps as a regulariser of text read 10 times, which the full data may not need (not measured).
 # - Hoffmann et al. 2022 (~20 tokens per parameter) would pick a model of about 0.5M parameters
 #   for 10M tokens, but that rule was fitted far above this scale; the model that measured best
 #   on the sample stays.

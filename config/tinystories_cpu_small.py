@@ -3,17 +3,17 @@
 # is in docs/tuning.md). For the full dataset (python prepare.py): config/tinystories_cpu.py.
 # 6 layers x 256 wide, vocab 4096, 5.77M parameters; 2,100 iterations of 16 x 256 tokens, with
 # Muon for the matrices inside the blocks (AdamW for the embedding and norms).
-# On a 2-core AMD EPYC (Zen 3) VM, torch 2.13 CPU, fp32, with V1's 2 MB sample and V2's 1.4 MB
-# of stories together (4,042 training stories; docs/tuning.md section 7):
+# On a 2-vCPU Intel Xeon VM with AMX, torch 2.13 CPU, bf16 autocast (dtype='auto'), with V1's
+# 2 MB sample and V2's 1.4 MB of stories together (4,042 training stories; docs/tuning.md
+# section 10):
 #   mkdir stories && cp ../shared/tinystories/*.txt stories/ \
 #     && cp ../shared/tinystories-v2/train.txt stories/v2_train.txt
 #   python prepare.py --source=stories                   1-2 s
-#   python train.py config/tinystories_cpu_small.py      99.6 minutes on 2026-12-02 (2.2-3.1 s a step)
-#   python eval.py                                       0.8499 bits per byte on the held-out test split
-# On a 2-vCPU Intel Xeon VM with AMX, in bf16 autocast (dtype='auto'), 2026-12-05: 20.6 minutes
-# (0.53-0.64 s a step), 0.8484 on test (docs/tuning.md section 9).
-# The same run on V1's sample alone (--source=../shared/tinystories): 0.9030, in 62 minutes on
-# 2026-11-24 (1.65 s a step).
+#   python train.py config/tinystories_cpu_small.py      21.0 minutes on 2026-12-05 (0.55-0.70 s a step)
+#   python eval.py                                       0.8428 bits per byte on the held-out test split
+# With GPT-2's init of the residual projections (before model.py started them at zero): 0.8484
+# on the same machine; in fp32 on a 2-core AMD EPYC (Zen 3) VM, 0.8499 in 99.6 minutes (2.2-3.1 s
+# a step), and on V1's sample alone (--source=../shared/tinystories) 0.9030 in 62 minutes.
 # Its 4,042 stories are seen about 10 times (V1 alone: 17), so the model memorises them: strong
 # weight decay (1.0) and dropout 0.2 hold that back.
 out_dir = 'out'
