@@ -34,7 +34,9 @@ def test_int8_report_has_the_fp32_ratio():
     plain = next(r for r in rows if 'plain fp32' in r['name'])
     for how in ('top-p', 'greedy'):
         q = next(r for r in rows if r['name'].endswith(f'decode b1 kv-cache {how}'))
-        assert abs(q['vs_plain_fp32'] - q['tokens_per_s'] / plain[f'{how}_tokens_per_s']) < 0.01
+        speed, ref = q['tokens_per_s'], plain[f'{how}_tokens_per_s']
+        # the ratio is rounded to 0.01 and each speed to 0.1 token/s: slow speeds round coarsely
+        assert abs(q['vs_plain_fp32'] - speed / ref) <= 0.005 + speed / ref * (0.05 / speed + 0.05 / ref) + 1e-9
 
 
 def test_bad_rounds_is_one_clear_line():
