@@ -339,7 +339,8 @@ tokens_per_iter = batch_size * block_size * gradient_accumulation_steps
 log(f"model: {raw_model.get_num_params():,} parameters ({n_layer} layers x {n_embd}, {n_head} heads, "
     f"context {block_size}); data: {data_path}, {meta['train_tokens']:,} training tokens; a step: "
     f"{tokens_per_iter:,} tokens, {max_iters:,} steps; {device}, {dtype}, {world_size} "
-    f"process{'es' if world_size > 1 else ''} of {torch.get_num_threads()} threads", flush=True)
+    f"process{'es' if world_size > 1 else ''}{f' ({dist.get_backend()})' if ddp else ''} of "
+    f"{torch.get_num_threads()} threads", flush=True)
 if lora_rank:
     n = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     log(f"LoRA rank {lora_rank} on {len(wrapped)} Linears: {n:,} trainable parameters "
@@ -552,6 +553,8 @@ while True:
             log(f"estimate: {max_iters - first_step:,} steps of {dt:.2f} s, {n} "
                 f"evaluation{'s' if n > 1 else ''} of {eval_s:.1f} s and the closing scoring ({score_s:.0f} s): about "
                 f"{duration(whole)} on this machine (--max_iters=N runs shorter: the schedule scales)")
+            if device_type == 'cuda':  # the steady state's, once the first steps have run
+                log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
         if iter_num % log_interval == 0:
             runlog.pace(iter_num, {'loss': loss.item(), 'lr': lr, 'tokens_per_s': tokens_per_iter / dt, 'mfu': mfu})
             log(f"iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "

@@ -29,6 +29,19 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: runs the scripts themselves (training, servers, '
                                        'exports); deselect with -m "not slow"')
+    config.addinivalue_line('markers', 'gpu: the GPU paths (tests/test_gpu.py, run by .ci/gpu); '
+                                       'deselected where CUDA is absent')
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without CUDA the gpu tests are deselected, not skipped: CI runs none of them
+    (GPU_CHECK_DEVICE=cpu runs them on the CPU, as .ci/gpu's dry run does)."""
+    if torch.cuda.is_available() or os.environ.get('GPU_CHECK_DEVICE'):
+        return
+    gpu = [item for item in items if item.get_closest_marker('gpu')]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker('gpu')]
 
 
 def run(script, *args, ok=True, **kw):
