@@ -4,6 +4,7 @@ Measure speed and memory honestly, on this machine: training steps, prefill and 
 $ python bench.py                          # the 20M and the CPU config's models, random weights
 $ python bench.py --quantize=int8          # the same with a variant: --ipex, --compile, --dtype
 $ python bench.py --profile=True           # where a decoding step's time goes
+$ python bench.py --muon=True --nanogpt=../nanoGPT  # the step against its model's AdamW step and nanoGPT's
 $ python bench.py --engine=onnxruntime,openvino,llamacpp  # other engines beside PyTorch, the same model
 $ python bench.py --json=True              # one JSON object per result, after the text
 Quality is eval.py's job: python eval.py (bits per byte on the held-out test split).
@@ -36,7 +37,9 @@ skip_generate = False    # time no prefill or decoding
 grad_checkpoint = False  # recompute activations in backward (less memory, more time)
 dropout = 0.0            # dropout in the timed training step (the configs use 0.1-0.2)
 attn_dropout = 0.0       # dropout on the attention weights: the slow attention kernel on CPUs
-muon = False             # time the training step with Muon for the block matrices (train.py's muon)
+muon = False             # time the training step with Muon for the block matrices (train.py's muon),
+                         # beside the model's AdamW step alone
+nanogpt = ''             # the path of a nanoGPT checkout: its model.py's AdamW step alternates with ours
 out_dir = 'out'          # where --profile writes its trace
 quantize = 'none'        # 'int8': dynamic int8 Linear layers (generation)
 ipex = False             # intel_extension_for_pytorch.optimize (needs a torch that IPEX supports)
@@ -83,23 +86,48 @@ def model_configs():
     return out
 
 
+PARTS = ('forward', 'backward', 'clip', 'optimizer')
+
+
 def train_step(model, step_model, opt, T):
     """A function that runs one full training step (forward, backward, clip, optimizer) and
-    returns its seconds."""
+    returns the seconds of each part."""
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device.split(':')[0], dtype=ptdtype)
-    x = torch.randint(model.config.vocab_size, (batch_size, T + 1), device=device)
+    seq = torch.randint(model.config.vocab_size, (batch_size, T + 1), device=device)
+    x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()  # as train.py's batches
 
     def step():
-        t0 = time.perf_counter()
+        t = [time.perf_counter()]
+        mark = lambda: (sync(device), t.append(time.perf_counter()))
         with autocast:
-            _, loss = step_model(x[:, :-1], x[:, 1:])
+            _, loss = step_model(x, y)
+        mark()
         loss.backward()
+        mark()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        mark()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        return time.perf_counter() - t0
+        mark()
+        return {part: b - a for part, a, b in zip(PARTS, t, t[1:])}
     return step
+
+
+def nanogpt_model(cfg):
+    """nanoGPT's GPT from its model.py in the checkout at `nanogpt`, at this shape, biases off
+    (as ours), with its AdamW groups."""
+    import importlib.util
+    path = os.path.join(nanogpt, 'model.py')
+    if not os.path.isfile(path):
+        die(f"nanogpt={nanogpt!r} holds no model.py: give the path of a nanoGPT checkout")
+    spec = importlib.util.spec_from_file_location('nanogpt_model', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ng = mod.GPT(mod.GPTConfig(**{k: getattr(cfg, k) for k in ('block_size', 'vocab_size', 'n_layer',
+                                  'n_head', 'n_embd', 'dropout')}, bias=False)).to(device)
+    groups = [{'params': [p for p in ng.parameters() if p.dim() >= 2], 'weight_decay': 0.1},
+              {'params': [p for p in ng.parameters() if p.dim() < 2], 'weight_decay': 0.0}]
+    return ng, torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
 
 
 def bench_train(name, model):
@@ -110,24 +138,39 @@ def bench_train(name, model):
     name = f"{name} train b{batch_size} ctx{T}"
     if dropout or attn_dropout:
         name += f" dropout {dropout}/{attn_dropout}"
-    if muon:
-        name += " muon"
-    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(':')[0], muon)
-    steps = {'eager': train_step(model, model, opt, T)} if compile else {}  # for the ratio
+    kind = device.split(':')[0]
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), kind, muon)
+    # the sides of each ratio, stepped alternately so that a drifting machine hits them alike
+    steps = {'eager': train_step(model, model, opt, T)} if compile else {}
+    if muon:  # the model's AdamW step alone: what Muon, the clip and the rest add to it
+        steps['adamw'] = train_step(model, model, model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), kind), T)
+    if nanogpt:
+        ng, ng_opt = nanogpt_model(model.config)
+        steps['nanogpt'] = train_step(ng, ng, ng_opt, T)
     steps['timed'] = train_step(model, torch.compile(model) if compile else model, opt, T)
     times = {k: [] for k in steps}
     for _ in range(train_iters + 1):  # the first is warm-up (and compilation)
-        for k, step in steps.items():  # alternately, so that a drifting machine hits both alike
+        for k, step in steps.items():
             times[k].append(step())
-    dt = statistics.median(times['timed'][1:])
+    med = lambda k, part=None: statistics.median(sum(t.values()) if part is None else t[part]
+                                                 for t in times[k][1:])
+    dt = med('timed')
+    row = lambda k: dict(tokens_per_s=round(tokens / med(k), 1), ms_per_iter=round(med(k) * 1000, 1))
     extra = {}
     if compile:
-        eager = statistics.median(times['eager'][1:])
-        report(f"{name} eager", tokens_per_s=round(tokens / eager, 1), ms_per_iter=round(eager * 1000, 1))
-        extra = {'vs_eager': round(eager / dt, 2)}
-    report(name + (" grad-ckpt" if grad_checkpoint else "") + (" compiled" if compile else ""),
-           tokens_per_s=round(tokens / dt, 1),
-           ms_per_iter=round(dt * 1000, 1), mfu=round(model.flops_per_token(T) * tokens / dt / peak, 4), **extra)
+        report(f"{name} eager", **row('eager'))
+        extra['vs_eager'] = round(med('eager') / dt, 2)
+    if muon:
+        report(f"{name} adamw", **row('adamw'))
+        extra['vs_adamw'] = round(dt / med('adamw'), 3)  # the step's time over the model's AdamW step
+    if nanogpt:  # the models alone, AdamW and eager both
+        ours = 'adamw' if muon else 'eager' if compile else 'timed'
+        report(f"{name} nanoGPT model.py adamw", **row('nanogpt'),
+               vs_nanogpt=round(med('nanogpt') / med(ours), 3))  # ours' speed over nanoGPT's
+    report(name + (" muon" if muon else "") + (" grad-ckpt" if grad_checkpoint else "") +
+           (" compiled" if compile else ""), **row('timed'),
+           mfu=round(model.flops_per_token(T) * tokens / dt / peak, 4),
+           **{f'{part}_ms': round(med('timed', part) * 1000, 1) for part in PARTS}, **extra)
 
 
 @torch.inference_mode()  # as stream(): the ratio is the cache alone
