@@ -58,6 +58,8 @@ configure(globals(), dict(
             f"torch or a comma-separated list of {', '.join(OTHER_ENGINES)}")))
 # -----------------------------------------------------------------------------
 engines = [e for e in engine.split(',') if e not in ('', 'torch')]
+if nanogpt and not os.path.isfile(os.path.join(nanogpt, 'model.py')):
+    die(f"nanogpt={nanogpt!r} holds no model.py: give the path of a nanoGPT checkout")
 if threads:
     torch.set_num_threads(threads)
 device = pick_device(device, quantize)
@@ -117,10 +119,7 @@ def nanogpt_model(cfg):
     """nanoGPT's GPT from its model.py in the checkout at `nanogpt`, at this shape, biases off
     (as ours), with its AdamW groups."""
     import importlib.util
-    path = os.path.join(nanogpt, 'model.py')
-    if not os.path.isfile(path):
-        die(f"nanogpt={nanogpt!r} holds no model.py: give the path of a nanoGPT checkout")
-    spec = importlib.util.spec_from_file_location('nanogpt_model', path)
+    spec = importlib.util.spec_from_file_location('nanogpt_model', os.path.join(nanogpt, 'model.py'))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     ng = mod.GPT(mod.GPTConfig(**{k: getattr(cfg, k) for k in ('block_size', 'vocab_size', 'n_layer',

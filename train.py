@@ -423,10 +423,15 @@ runlog = RunLog(out_dir, resumed_at, tensorboard, wandb_log, wandb_project, wand
 GO, EARLY_STOP, INTERRUPTED, SAVE_FAILED, NOT_FINITE = range(5)
 
 
-def agree(code):
-    if ddp:
-        t = torch.tensor([code], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+def agree(code, finite=None):
+    """The largest code of all processes; NOT_FINITE where `finite`, a bool tensor on the
+    device, is False. It stays there until here: one host sync a step, not one a micro-step."""
+    if ddp or finite is not None:
+        t = torch.tensor(code, device=device)
+        if finite is not None:
+            t = torch.where(finite, t, NOT_FINITE)
+        if ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         code = int(t.item())
     return code
 
@@ -495,7 +500,7 @@ while True:
 
     # one optimizer step: accum micro-steps on this process's share of the step's sequences
     ix = torch.randint(n_tokens('train') - block_size - 1, (accum, world_size, micro), generator=data_gen)
-    finite = True
+    finite = torch.ones((), dtype=torch.bool, device=device)
     for micro_step in range(accum):
         if ddp:  # all-reduce the gradients only on the last micro-step
             model.require_backward_grad_sync = micro_step == accum - 1
@@ -505,10 +510,9 @@ while True:
                 _, loss = model(X, Y)
         except torch._dynamo.exc.BackendCompilerFailed as e:  # compile=True: inductor needs a C++ compiler
             end(1, f"torch.compile failed ({first_line(e)}): install a C++ compiler (g++) or use --compile=False")
-        finite &= bool(torch.isfinite(loss))
+        finite &= torch.isfinite(loss)
         scaler.scale(loss / accum).backward()
-    status = agree(max(NOT_FINITE * (not finite), SAVE_FAILED * bool(save_error),
-                       INTERRUPTED * bool(stop), EARLY_STOP * early))
+    status = agree(max(SAVE_FAILED * bool(save_error), INTERRUPTED * bool(stop), EARLY_STOP * early), finite)
     if status == NOT_FINITE:  # before the step: the weights in memory stay finite
         kept = f"the last good checkpoint {out_dir}/last.pt is kept" if saved_at is not None and (
             iter_num or resumed_at is not None) else "nothing was trained, so nothing is kept"

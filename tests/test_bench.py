@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import run
+from conftest import ROOT, run
 
 pytestmark = pytest.mark.slow
 
@@ -56,3 +56,21 @@ def test_bad_engine_or_model_is_one_clear_line():
     for arg, word in (('--engine=vllm', 'engine'), ('--models=huge', 'huge')):
         p = run('bench.py', arg, ok=False)
         assert p.returncode == 1 and p.stderr.count('\n') == 1 and word in p.stderr, p.stderr
+
+
+def test_the_step_beside_its_adamw_step_and_another_model_py(tmp_path):
+    """--muon: the step's parts and its time over the model's AdamW step alone; --nanogpt: the
+    model.py of a checkout (here a copy of ours: nanoGPT's has the same GPT and GPTConfig)
+    stepped alternately, with the ratio of the two speeds."""
+    (tmp_path / 'model.py').write_text((ROOT / 'model.py').read_text())
+    rows = bench_json('--models=cpu', '--skip_generate=True', '--train_iters=2', '--batch_size=2',
+                      '--block_size=64', '--muon=True', f'--nanogpt={tmp_path}')
+    adamw = next(r for r in rows if r['name'].endswith(' adamw') and 'nanoGPT' not in r['name'])
+    other = next(r for r in rows if 'nanoGPT model.py adamw' in r['name'])
+    step = next(r for r in rows if r['name'].endswith(' muon'))
+    assert abs(step['vs_adamw'] - step['ms_per_iter'] / adamw['ms_per_iter']) < 0.002 + 0.1 / adamw['ms_per_iter']
+    assert abs(other['vs_nanogpt'] - other['ms_per_iter'] / adamw['ms_per_iter']) < 0.002 + 0.1 / adamw['ms_per_iter']
+    parts = [step[f'{p}_ms'] for p in ('forward', 'backward', 'clip', 'optimizer')]
+    assert all(p > 0 for p in parts) and 0.75 < sum(parts) / step['ms_per_iter'] < 1.25, (parts, step)
+    p = run('bench.py', f'--nanogpt={tmp_path / "nowhere"}', ok=False)
+    assert p.returncode == 1 and p.stderr.count('\n') == 1 and 'nanoGPT checkout' in p.stderr, p.stderr
