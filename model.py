@@ -94,13 +94,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, cache=None):
         """x: (B, T, C); with a cache, the queries also see the keys of the tokens before them."""
         B, T, C = x.size()
-        # (B, T, 3C) -> q and k as (2, B, nh, T, hd), v as (B, nh, T, hd): the heads a batch dimension
-        qk, v = self.c_attn(x).split([2 * C, C], dim=-1)
-        qk = qk.view(B, T, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # (B, T, 3C) -> (3, B, nh, T, hd): q, k, v, with the heads as a batch dimension
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         if rope is not None:
-            qk = apply_rope(qk, *rope)  # q and k rotate in one go
-        q, k = qk.unbind(0)
+            q, k = apply_rope(qkv[:2], *rope).unbind(0)  # q and k rotate in one go
         mask = None
         if cache is not None:
             k, v, mask = cache.append(self.layer, k, v)
