@@ -8,12 +8,10 @@ import torch
 from common import native_bf16
 
 
-def orthogonalize(G, steps=4, dtype=torch.float32):
+def orthogonalize(G, steps=5, dtype=torch.float32):
     """Roughly U V^T for G = U S V^T: Muon's quintic Newton-Schulz iteration, whose coefficients
-    move every singular value into about [0.7, 1.2] in a few steps rather than exactly to 1.
-    4 steps rather than Muon's usual 5: a fifth of the optimizer's time, the same val bits per
-    byte over a whole run (docs/tuning.md). Its matmuls in `dtype`: bfloat16, as Muon's authors
-    run it, where that is native and faster."""
+    move every singular value into about [0.7, 1.2] in a few steps rather than exactly to 1. Its
+    matmuls in `dtype`: bfloat16, as Muon's authors run it, where that is native and faster."""
     X = (G / G.norm().clamp(min=1e-7)).to(dtype)  # singular values at most 1, where it converges
     if G.size(0) > G.size(1):
         X = X.T  # so that the Gram matrix X X^T is the smaller one
