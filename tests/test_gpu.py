@@ -6,14 +6,17 @@ Tolerances: fp32 on the GPU against the CPU within 1e-4 (TF32 off, PyTorch's def
 matmuls: the sums differ only in order); bf16 and fp16 autocast against fp32 within 2 % of the
 loss (their 8- and 11-bit mantissas), gradients pointing the same way (cosine > 0.99)."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import run, tiny, train
+from conftest import ROOT, TINY, run, tiny, train
 
 DEVICE = os.environ.get('GPU_CHECK_DEVICE', 'cuda')
+KIND = DEVICE.split(':')[0]  # autocast's and the scaler's device type
 pytestmark = pytest.mark.gpu
 
 
@@ -69,11 +72,11 @@ def test_fp16_with_the_gradient_scaler_trains_without_an_inf_step():
     batch: every loss finite, no step skipped for an inf or NaN gradient, and the loss falls."""
     model = model128().to(DEVICE)
     x, y = (t.to(DEVICE) for t in batch(model))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), DEVICE.split(':')[0])
-    scaler = torch.amp.GradScaler(DEVICE.split(':')[0], init_scale=2.0 ** 10)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), KIND)
+    scaler = torch.amp.GradScaler(KIND, init_scale=2.0 ** 10)
     losses, skipped = [], 0
     for _ in range(40):
-        with torch.autocast(DEVICE.split(':')[0], dtype=torch.float16):
+        with torch.autocast(KIND, dtype=torch.float16):
             _, loss = model(x, y)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -97,7 +100,7 @@ def test_sdpa_runs_the_fused_kernel_the_model_asks_for():
     x, _ = batch(model)
     x = x.to(DEVICE)
     dtype = torch.bfloat16
-    with torch.no_grad(), torch.autocast(DEVICE.split(':')[0], dtype=dtype):
+    with torch.no_grad(), torch.autocast(KIND, dtype=dtype):
         with sdpa_kernel(SDPBackend.MATH):
             ref = model(x, x)[0].float()
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
@@ -130,7 +133,7 @@ def test_a_checkpoint_written_on_the_gpu_loads_on_the_cpu_and_back(tmp_path):
     from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     model = model128().to(DEVICE)
     x, y = batch(model)
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), DEVICE.split(':')[0])
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), KIND)
     model(x.to(DEVICE), y.to(DEVICE))[1].backward()
     opt.step()
     path = str(tmp_path / 'ckpt.pt')
@@ -139,7 +142,7 @@ def test_a_checkpoint_written_on_the_gpu_loads_on_the_cpu_and_back(tmp_path):
     on_cpu = load_checkpoint(path)
     assert all(t.device.type == 'cpu' for t in on_cpu['model'].values())
     back = load_checkpoint(path, DEVICE)
-    assert all(t.device.type == DEVICE.split(':')[0] for t in back['model'].values())
+    assert all(t.device.type == KIND for t in back['model'].values())
     with torch.no_grad():
         want = model(x.to(DEVICE))[0].cpu()
         torch.testing.assert_close(model_from_checkpoint(on_cpu)(x)[0], want, rtol=1e-4, atol=1e-4)
@@ -167,9 +170,6 @@ def test_train_compile_sample_and_eval_on_the_device(data_dir, tmp_path, dtype):
 @pytest.mark.slow
 def test_torchrun_on_the_device(data_dir, tmp_path):
     """DDP under torchrun on the device's backend (nccl on CUDA): as many processes as GPUs."""
-    import subprocess
-    import sys
-    from conftest import ROOT, TINY
     n = max(1, torch.cuda.device_count()) if DEVICE.startswith('cuda') else 2
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                         f'--nproc_per_node={n}', 'train.py', f'--data_dir={data_dir}',
