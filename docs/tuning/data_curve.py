@@ -1,7 +1,7 @@
 # The data curve of docs/tuning.md section 15: a recipe's test bits per byte on corpora of
 # different sizes, at the same steps, fitted by L(D) = E + A * D^-alpha (D: training stories;
 # E: what the steps reach when nothing repeats) and extrapolated to the full dataset:
-#   python docs/tuning/data_curve.py 1881=0.95 3761=0.85 7521=0.79 15042=0.77
+#   python docs/tuning/data_curve.py 1881=1.1276 3761=0.9954 7521=0.8573 15042=0.7708
 # The range: the fit again with each point's figure redrawn by the run-to-run spread (--noise,
 # relative), and with each point left out in turn.
 import sys
