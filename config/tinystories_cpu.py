@@ -12,7 +12,7 @@
 #     && cp ../shared/tinystories-v2/train.txt stories/v2_train.txt \
 #     && cp ../shared/tinystories-v2/train-more.txt stories/v2_train-more.txt
 #   python prepare.py --source=stories                         2 s
-#   python train.py config/tinystories_cpu.py                  about 40 min (0.96-1.01 s a step, bf16)
+#   python train.py config/tinystories_cpu.py                  0.96-1.01 s a step (bf16; 41.4 min on half of them)
 #   python eval.py                                             test 0.7708 bits per byte (val 0.7646)
 #   python eval.py --text=../shared/tinystories-v2/valid.txt  0.6883 on V2's 5,448 validation stories
 # on a 2-vCPU AMD EPYC Zen 4 VM (AVX512-BF16, so dtype='auto' trains in bf16 autocast), torch
