@@ -346,16 +346,18 @@ if lora_rank:
     log(f"LoRA rank {lora_rank} on {len(wrapped)} Linears: {n:,} trainable parameters "
         f"({n / (raw_model.get_num_params() - n):.2%} of the base model), the base frozen")
 # Regularisation fits how often the run sees its data: up to about 4 passes, repeated text is
-# worth nearly as much as new (Muennighoff et al. 2023); far beyond, a model memorises it.
+# worth nearly as much as new (Muennighoff et al. 2023); far beyond, a model memorises it. The two
+# CPU recipes cross between 3 and 6 passes (docs/tuning.md section 16).
 passes = max_iters * tokens_per_iter / meta['train_tokens']
 if base_path:
     pass  # fine-tuning: a few passes over a task's data are the point
 elif passes > 4 and dropout == 0:
     log(f"note: {max_iters:,} iterations read the training data {passes:.0f} times: a small corpus, "
         "which this model will memorise without dropout; config/tinystories_cpu_small.py is the recipe for it")
-elif 0 < passes < 1 and dropout > 0:
-    log(f"note: {max_iters:,} iterations read {passes:.0%} of the training data: nothing repeats, so "
-        "dropout only slows learning; config/tinystories_cpu.py is the recipe for the full dataset")
+elif 0 < passes < 4 and dropout > 0:
+    read = f"{passes:.0%} of the training data" if passes < 1 else f"the training data {passes:.1f} times"
+    log(f"note: {max_iters:,} iterations read {read}: too few repeats for dropout to pay, it only "
+        "slows learning; config/tinystories_cpu.py is the recipe for it")
 
 
 @torch.no_grad()
