@@ -347,11 +347,12 @@ if lora_rank:
         f"({n / (raw_model.get_num_params() - n):.2%} of the base model), the base frozen")
 # Regularisation fits how often the run sees its data: up to about 4 passes, repeated text is
 # worth nearly as much as new (Muennighoff et al. 2023); far beyond, a model memorises it. The two
-# CPU recipes cross between 3 and 6 passes (docs/tuning.md section 16).
+# CPU recipes tie at about 6 passes of the quick start's, 5.6 of the small one's (docs/tuning.md
+# sections 16 and 18).
 passes = max_iters * tokens_per_iter / meta['train_tokens']
 if base_path:
     pass  # fine-tuning: a few passes over a task's data are the point
-elif passes > 4 and dropout == 0:
+elif passes > 6 and dropout == 0:
     log(f"note: {max_iters:,} iterations read the training data {passes:.0f} times: a small corpus, "
         "which this model will memorise without dropout; config/tinystories_cpu_small.py is the recipe for it")
 elif 0 < passes < 4 and dropout > 0:

@@ -249,16 +249,19 @@ def test_warmup_stable_decay_holds_the_rate_then_decays_in_a_line(data_dir, tmp_
 
 def test_a_run_says_when_its_regularisation_does_not_fit_its_data(data_dir, tmp_path):
     """Dropout on a run that sees its data fewer than 4 times, none on one that reads it more
-    often: one line naming the recipe that fits (the test slice holds ~93k training tokens)."""
+    than 6 times: one line naming the recipe that fits (the test slice holds ~93k training tokens)."""
     small = 'config/tinystories_cpu_small.py is the recipe for it'
     full = 'config/tinystories_cpu.py is the recipe for it'
     p = train(data_dir, tmp_path / 'once', '--max_iters=2', '--eval_interval=2')  # dropout 0.1
     assert full in p.stdout and '% of the training data' in p.stdout and small not in p.stdout
     p = train(data_dir, tmp_path / 'few', '--max_iters=150', '--eval_interval=150', '--batch_size=64')
     assert full in p.stdout and 'data 3.3 times' in p.stdout  # 150 x 64 x 32 tokens: ~3.3 passes
-    p = train(data_dir, tmp_path / 'often', '--max_iters=250', '--eval_interval=250', '--dropout=0',
-              '--batch_size=64')  # ~5.5 passes
-    assert small in p.stdout and full not in p.stdout
+    p = train(data_dir, tmp_path / 'between', '--max_iters=250', '--eval_interval=250', '--dropout=0',
+              '--batch_size=64')  # ~5.5 passes: where the two recipes tie
+    assert small not in p.stdout and full not in p.stdout
+    p = train(data_dir, tmp_path / 'often', '--max_iters=300', '--eval_interval=300', '--dropout=0',
+              '--batch_size=64')  # ~6.6 passes
+    assert small in p.stdout and full not in p.stdout and 'data 7 times' in p.stdout
     p = train(data_dir, tmp_path / 'fits', '--max_iters=250', '--eval_interval=250', '--batch_size=64')
     assert small not in p.stdout and full not in p.stdout
 
