@@ -41,7 +41,8 @@ def test_muon_steps_match_torch_muon_and_adamw(monkeypatch):
     a, b = tiny(), tiny()
     muon_a = steps(a, [a.configure_optimizers(1.0, 2e-3, (0.9, 0.99), muon=True)], idx)
     rest = [p for p in b.parameters() if all(p is not h for h in hidden(b))]
-    muon_b = steps(b, [torch.optim.Muon(hidden(b), lr=2e-2, weight_decay=0.1, adjust_lr_fn='original'),
+    muon_b = steps(b, [torch.optim.Muon(hidden(b), lr=2e-2, weight_decay=0.1, ns_steps=4,
+                                       adjust_lr_fn='original'),
                        torch.optim.AdamW([{'params': [p for p in rest if p.dim() == 2], 'weight_decay': 1.0},
                                           {'params': [p for p in rest if p.dim() == 1], 'weight_decay': 0.0}],
                                          lr=2e-3, betas=(0.9, 0.99))], idx)
