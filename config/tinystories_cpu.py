@@ -11,13 +11,14 @@
 #   mkdir stories && cp ../shared/tinystories/*.txt stories/ \
 #     && cp ../shared/tinystories-v2/train.txt stories/v2_train.txt \
 #     && cp ../shared/tinystories-v2/train-more.txt stories/v2_train-more.txt
-#   python prepare.py --source=stories                         2 s
-#   python train.py config/tinystories_cpu.py                  39.1 min (a median of 0.94 s a step)
-#   python eval.py                                             test 0.7572 bits per byte (val 0.7513)
-#   python eval.py --text=../shared/tinystories-v2/valid.txt  0.6744 on V2's 5,448 validation stories
-# on a 2-vCPU AMD EPYC Zen 4 VM (AVX512-BF16, so dtype='auto' trains in bf16 autocast), torch
-# 2.13 CPU; --seed=7: test 0.7578, V2 0.6751. A Zen 5 VM ran the same steps in 23.0 minutes. In
-# fp32 the step takes about 1.5 times as long (docs/benchmarks.md).
+#   python prepare.py --source=stories                         3 s
+#   python train.py config/tinystories_cpu.py                  73.0 min (a median of 1.72 s a step)
+#   python eval.py                                             test 0.7562 bits per byte (val 0.7487)
+#   python eval.py --text=../shared/tinystories-v2/valid.txt  0.6753 on V2's 5,448 validation stories
+# on a 2-vCPU AMD EPYC Zen 3 VM (AVX2, no AVX-512: dtype='auto' trains in fp32), torch 2.13 CPU
+# (docs/tuning.md section 22). On a Zen 4 VM (AVX512-BF16: bf16 autocast) the same run took 38.8
+# minutes (0.92 s a step) and reached test 0.7544, V2 0.6752 (section 21); with Muon's 5
+# Newton-Schulz steps, seeds 1337 and 7: test 0.7572 and 0.7578, V2 0.6744 and 0.6751.
 # The data curve (docs/tuning.md section 15, with weight decay 0.1: test 0.7708 on all of
 # them): the same run on 1/2, 1/4 and 1/8 of these stories reaches test 0.8573, 0.9954 and
 # 1.1276: each doubling of the stories gains 10-14 %. With weight decay 0.5 the half reaches

@@ -20,7 +20,8 @@
 # ties config/tinystories_cpu.py (test 0.8314 against 0.8330, val 0.8247 against 0.8262), on
 # 15,042 (2.8 passes) it loses, 0.8146 against 0.7572 (40.0 min, 1.07 s a step): the two tie at
 # about 1.5M tokens of training text, and train.py names the other recipe beyond 6 passes
-# without dropout and under 4 with it (docs/tuning.md sections 16 and 18).
+# without dropout and under 4 with it (docs/tuning.md sections 16 and 18). These runs' Muon took
+# 5 Newton-Schulz steps; muon.py's 4 held the quick start's val (docs/tuning.md section 21).
 out_dir = 'out'
 vocab_size = 4096        # vs 2048: each token carries 4.05 bytes instead of 3.66, at about the same cost
 n_layer = 6
