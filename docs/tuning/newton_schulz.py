@@ -1,16 +1,18 @@
 # Muon's Newton-Schulz at the CPU config's shapes (docs/benchmarks.md, the training step): the
 # time of 3, 4 and 5 steps for a training step's 24 block matrices, and, given a checkpoint of a
-# Muon run, how far 3 and 4 steps land from 5 on its momentum matrices:
+# Muon run, how far 3 and 4 steps land from 5 on its momentum matrices (in bf16 too where the CPU
+# has it natively, as Muon runs it there):
 #   python docs/tuning/newton_schulz.py [out/last.pt]
 import os, statistics, sys, time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))  # muon.py
+from common import native_bf16
 from muon import orthogonalize
 
 shapes = [(768, 256), (256, 256), (1024, 256), (256, 1024)] * 6  # c_attn, c_proj, c_fc, c_proj
 Gs = [torch.randn(s) for s in shapes]
-for dtype in (torch.bfloat16, torch.float32):
+for dtype in (torch.bfloat16, torch.float32) if native_bf16() else (torch.float32,):
     for steps in (5, 4, 3):
         times = []
         for _ in range(10):
