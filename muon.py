@@ -10,10 +10,10 @@ from common import native_bf16
 
 def orthogonalize(G, steps=4, dtype=torch.float32):
     """Roughly U V^T for G = U S V^T: Muon's quintic Newton-Schulz iteration, whose coefficients
-    move every singular value into about [0.7, 1.2] in a few steps rather than exactly to 1. Its
+    move the singular values toward [0.7, 1.2] in a few steps rather than exactly to 1. Its
     matmuls in `dtype`: bfloat16, as Muon's authors run it, where that is native and faster.
-    4 steps rather than their 5: a fifth less time; the smallest singular values stay further
-    from 1, and a whole run of config/tinystories_cpu.py is as good (docs/tuning.md section 21)."""
+    4 steps rather than their 5: a fifth less time, a few of the smallest singular values left
+    below 0.5, and a whole run of config/tinystories_cpu.py as good (docs/tuning.md section 21)."""
     X = (G / G.norm().clamp(min=1e-7)).to(dtype)  # singular values at most 1, where it converges
     if G.size(0) > G.size(1):
         X = X.T  # so that the Gram matrix X X^T is the smaller one
