@@ -14,12 +14,27 @@ def orthogonalize(G, steps=4, dtype=torch.float32):
     matmuls in `dtype`: bfloat16, as Muon's authors run it, where that is native and faster.
     4 steps rather than their 5: a fifth less time, a few of the smallest singular values left
     below 0.5, and a whole run of config/tinystories_cpu.py as good (docs/tuning.md section 21)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
     X = (G / G.norm().clamp(min=1e-7)).to(dtype)  # singular values at most 1, where it converges
     if G.size(0) > G.size(1):
         X = X.T  # so that the Gram matrix X X^T is the smaller one
-    for _ in range(steps):  # X <- a X + (b A + c A^2) X, the sums inside the matmuls (addmm)
-        A = X @ X.T
-        X = torch.addmm(X, torch.addmm(A, A, A, beta=-4.7750, alpha=2.0315), X, beta=3.4445)
+    if dtype == torch.float32 and X.size(0) < X.size(1):
+        # Each step multiplies X on the left by M = a I + b A + c A^2, a polynomial in A = X X^T,
+        # and these all commute: the steps can run on the small square matrices alone (Q <- M Q,
+        # A <- M A M) and touch the wide X once at the end: the same values to float rounding, with
+        # 35 % fewer flops at the CPU config's shapes. fp32 only: in bf16 the product Q drifts.
+        A, Q = X @ X.T, None
+        for step in range(steps):
+            M = torch.addmm(A, A, A, beta=b, alpha=c)
+            M.diagonal().add_(a)
+            Q = M if Q is None else M @ Q
+            if step < steps - 1:
+                A = M @ A @ M
+        X = Q @ X
+    else:
+        for _ in range(steps):  # X <- a X + (b A + c A^2) X, the sums inside the matmuls (addmm)
+            A = X @ X.T
+            X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
     return (X.T if G.size(0) > G.size(1) else X).to(G.dtype)
 
 
