@@ -233,6 +233,45 @@ def test_optimize_for_inference_keeps_the_model_s_outputs():
     assert 0 < err < 0.05  # quantized: close, not equal
 
 
+@pytest.mark.parametrize('kw', [{}, {'bias': True}, {'pos_emb': 'learned'}])
+def test_the_one_token_forward_is_the_model_s_forward(kw):
+    import copy
+    from model import GPT, GPTConfig, KVCache
+    from inference import OneTokenForward
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=24, vocab_size=100, **kw)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)  # no zero projections or biases: every path counts
+    fast = optimize_for_inference(copy.deepcopy(model))
+    assert isinstance(fast.forward, OneTokenForward)
+    mkldnn = torch.backends.mkldnn.enabled
+    with torch.no_grad():
+        for rows in ([5, 5, 5], [5], [3, 5, 4]):  # at one place (its own path), and not (the model's)
+            ref, got = KVCache(cfg, len(rows)), KVCache(cfg, len(rows))
+            for c in (ref, got):
+                c.pos[:] = torch.tensor(rows)
+            for _ in range(cfg.block_size - max(rows)):  # to the cache's last place
+                ids = torch.randint(100, (len(rows), 1))
+                assert torch.allclose(fast(ids, cache=got)[0], model(ids, cache=ref)[0], atol=1e-5)
+            assert torch.equal(got.pos, ref.pos) and torch.allclose(got.kv, ref.kv, atol=1e-5)
+            with pytest.raises(AssertionError, match='block_size'):
+                fast(ids, cache=got)
+        x = torch.randint(100, (2, 6))
+        torch.manual_seed(1)
+        want = model.generate(x, 40, top_p=0.9)  # past block_size: the context slides, twice
+        torch.manual_seed(1)
+        assert torch.equal(fast.generate(x, 40, top_p=0.9), want)
+        half = copy.deepcopy(fast).to(torch.bfloat16)  # q and k rotate in fp32, come back in bf16
+        c, ref = KVCache(cfg, 2, dtype=torch.bfloat16), KVCache(cfg, 2, dtype=torch.bfloat16)
+        half.forward.forward(x, cache=ref)
+        half(x, cache=c)
+        a, b = half(x[:, :1], cache=c)[0], half.forward.forward(x[:, :1], cache=ref)[0]
+        assert a.dtype == torch.bfloat16 and torch.allclose(a.float(), b.float(), atol=0.05)
+    assert torch.backends.mkldnn.enabled == mkldnn  # GELU's switch put back
+
+
 @pytest.mark.parametrize('avx512_bf16, amx, train, device, expected', [
     (True, False, True, 'cpu', 'bfloat16'),   # Zen 4 / Zen 5: native bf16 for training
     (False, True, True, 'cpu', 'bfloat16'),   # a Xeon with AMX
