@@ -55,14 +55,13 @@ class OneTokenForward:
     """GPT.forward for a decoding step: one new token a row, every row of the cache at one place.
     The same math, written out in functions over the model's weights, because a token of a
     small model is mostly PyTorch's cost per operation and per module call, not arithmetic
-    (docs/benchmarks.md): no module calls, q and k rotated by one complex product with a table
-    made once, k and v written straight into the cache, no mask, no dropout. Every other call
-    (a prompt, rows at different places, targets, training) runs the model's own forward."""
+    (docs/benchmarks.md): no module calls, q and k rotated together by one complex product with
+    the position's rotation made once a step, k and v written straight into the cache, no mask,
+    no dropout. Every other call (a prompt, rows at different places, targets, training) runs the
+    model's own forward."""
 
     def __init__(self, model):
         self.model, self.forward = model, model.forward
-        if model.config.pos_emb == 'rope':  # cos + i sin, as apply_rope builds them
-            self.rotation = torch.complex(model.rope_cos, model.rope_sin)
 
     def __call__(self, idx, targets=None, cache=None):
         m, (B, T) = self.model, idx.shape
@@ -76,8 +75,8 @@ class OneTokenForward:
         # every layer's keys and values up to the new token, (B, nh, p + 1, hd) each: views of the cache
         keys, values = (kv.unbind(0) for kv in cache.kv.narrow(4, 0, p + 1).unbind(1))
         x = F.embedding(idx.view(B), m.transformer.wte.weight)  # (B, C)
-        if rope:
-            rotation = self.rotation[p]
+        if rope:  # cos + i sin of the position's angles, as apply_rope builds them
+            rotation = torch.complex(m.rope_cos[p].float(), m.rope_sin[p].float())
         else:
             x = x + m.transformer.wpe.weight[p]
         cast = x.dtype != torch.float32  # there are no bfloat16 complex numbers
